@@ -1,0 +1,412 @@
+"""The nanoGPT model as a transformers PreTrainedModel.
+
+Same modules and parameter names as karpathy/nanoGPT's model.py (transformer.wte/wpe/h/ln_f + lm_head), so
+nanoGPT checkpoints and GPT-2 weights load by renaming nothing; plus what the HF ecosystem expects: the
+Cache API for KV-cached generate(), padding masks, save_pretrained/from_pretrained, gradient checkpointing.
+
+This file is copied next to config.json on save_pretrained (trust_remote_code loading), so it imports only
+torch, transformers and its sibling configuration file.
+
+    from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+    model = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384))
+    out = model(input_ids, labels=input_ids)  # out.loss, out.logits
+"""
+
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_nanogpt import NanoGPTConfig
+
+# dense bf16 peak FLOP/s from the vendors' data sheets, matched against torch.cuda.get_device_name();
+# more specific names first ("H100 PCIe" before "H100")
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+                   ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
+
+
+def peak_flops(device) -> float | None:
+    """Peak bf16 FLOP/s of `device`, or None where we don't know it (CPU, MPS, unknown GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al.): a geometric sequence, interleaved when n_head is not a power of 2."""
+    def pow2_slopes(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = pow2_slopes(closest) + pow2_slopes(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# the transformer: attention, MLP, block
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        # key, query, value projections for all heads, in one batched matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True  # scaled init, see _init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_bias, rope, past_key_values):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            cos, sin = rope  # (B, 1, T, hs) each
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs): cached + new
+        dropout_p = self.dropout if self.training else 0.0
+        # attn_bias None means plain causal attention over the whole sequence: the fast (flash) kernel
+        is_causal = attn_bias is None and T > 1
+        if self.config._attn_implementation == "eager":
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+            if is_causal:
+                att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            elif attn_bias is not None:
+                att = att + attn_bias
+            att = F.dropout(F.softmax(att, dim=-1), dropout_p, self.training)
+            y = att @ v  # (B, nh, T, S) x (B, nh, S, hs) -> (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 used the tanh approximation ("gelu_new"); nanoGPT's own model.py uses the exact erf GELU
+        self.gelu = nn.GELU(approximate="tanh" if config.activation_function == "gelu_new" else "none")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(GradientCheckpointingLayer):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_bias=None, rope=None, past_key_values=None):
+        x = x + self.attn(self.ln_1(x), attn_bias, rope, past_key_values)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the HF models
+
+class NanoGPTPreTrainedModel(PreTrainedModel):
+    config_class = NanoGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]  # causal-mask buffers of old nanoGPT checkpoints
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # nanoGPT/GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer), zero biases
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_proj", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class NanoGPTModel(NanoGPTPreTrainedModel):
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position_embedding == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, inputs_embeds=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T = x.shape[:2]
+        if use_cache is None:  # a cache only helps generation; in training it would just hold on to k, v
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        S = past_len + T  # keys/values the new tokens attend to
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # left padding: real tokens start at position 0, exactly as without padding
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:S]
+            else:
+                position_ids = torch.arange(past_len, S, device=x.device).unsqueeze(0)  # (1, T)
+
+        pe = self.config.position_embedding
+        if pe == "learned":
+            if S > self.config.block_size:
+                raise ValueError(
+                    f"sequence length {S} exceeds block_size {self.config.block_size}, the length of this model's "
+                    "learned position table: crop the input to the last block_size tokens "
+                    "(or train with position_embedding='alibi' or 'rope', which extrapolate)"
+                )
+            x = x + self.wpe(position_ids)
+        rope = self._rope(position_ids, x.dtype) if pe == "rope" else None
+        attn_bias = self._attention_bias(attention_mask, T, past_len, x.dtype, x.device)
+
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, attn_bias=attn_bias, rope=rope, past_key_values=past_key_values)
+        x = self.ln_f(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+
+    def _rope(self, position_ids, dtype):
+        """cos/sin tables for rotary embeddings at the given positions, computed on the fly (no stale buffers)."""
+        hs = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hs, 2, device=position_ids.device).float() / hs))
+        freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _attention_bias(self, attention_mask, T, past_len, dtype, device):
+        """Additive attention bias (B|1, nh|1, T, S), or None for plain causal attention (the flash path).
+
+        Needed for ALiBi, for padding (attention_mask with zeros) and for several new tokens after a cache.
+        """
+        S = past_len + T
+        alibi = self.config.position_embedding == "alibi"
+        if attention_mask is not None and attention_mask.ndim == 4:  # already 4-D (e.g. static-cache generate)
+            allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+        else:
+            padded = attention_mask is not None and not bool(attention_mask[:, :S].all())
+            if not (alibi or padded or (past_len > 0 and T > 1)):
+                return None  # no mask at all needed (T == 1 after a cache attends to everything)
+            q_pos = torch.arange(past_len, S, device=device)
+            k_pos = torch.arange(S, device=device)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S) causal
+            if padded:
+                allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+        bias = torch.zeros(allowed.shape, device=device)
+        if alibi:
+            q_pos = torch.arange(S - allowed.shape[-2], S, device=device)
+            distance = (q_pos[:, None] - torch.arange(S, device=device)[None, :]).clamp(min=0)  # (T, S)
+            bias = bias - alibi_slopes(self.config.n_head).to(device)[None, :, None, None] * distance  # (.., nh, T, S)
+        # the dtype's min rather than -inf: fully masked rows (left-pad queries) give uniform weights, not NaN
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+
+
+class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = NanoGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
+                use_cache=None, inputs_embeds=None, logits_to_keep=0, shift_labels=None, **kwargs):
+        """labels: like input_ids (shifted inside, -100 ignored). shift_labels: targets already shifted (nanoGPT's
+        (x, y) batches), so no position is wasted. logits_to_keep=k: logits of the last k positions only."""
+        out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+        x = out.last_hidden_state  # (B, T, C)
+        loss = None
+        if labels is not None or shift_labels is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            if shift_labels is None:  # position t predicts token t+1; the last position has no target
+                shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=-100)
+        else:
+            # inference-time mini-optimization (nanoGPT): only forward the lm_head on the positions asked for
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(x[:, keep, :])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    # -------------------------------------------------------------------------
+    # nanoGPT's helpers
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; non_embedding drops the position table (token embeddings count: they are the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.position_embedding == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def crop_block_size(self, block_size):
+        """Model surgery to a smaller context, e.g. GPT-2's 1024 down to 256 for a small finetune."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"crop_block_size: {block_size} must be in 1..{self.config.block_size}")
+        self.config.block_size = block_size
+        if self.config.position_embedding == "learned":
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+            self.transformer.wpe.num_embeddings = block_size
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with decay on >=2-D tensors (matmuls, embeddings) only; fused kernel where the device has one."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt):
+        """Model FLOPs utilization vs the device's bf16 peak (PaLM appendix B); None where the peak is unknown."""
+        peak = peak_flops(self.device)
+        if peak is None:
+            return None
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
+        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak
+
+    # -------------------------------------------------------------------------
+    # interop: GPT-2 (transformers) and original nanoGPT checkpoints
+
+    # GPT-2 stores these as Conv1D (in, out); we use nn.Linear (out, in), so they are transposed
+    _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_gpt2(cls, gpt2="gpt2", **config_overrides):
+        """From a GPT2LMHeadModel, a local dir or a Hub id ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", ...)."""
+        if not isinstance(gpt2, GPT2LMHeadModel):
+            gpt2 = GPT2LMHeadModel.from_pretrained(gpt2)
+        g = gpt2.config
+        if g.activation_function not in ("gelu_new", "gelu"):
+            raise ValueError(f"from_gpt2: unsupported activation_function {g.activation_function!r}")
+        config = NanoGPTConfig(vocab_size=g.vocab_size, block_size=g.n_positions, n_layer=g.n_layer, n_head=g.n_head,
+                               n_embd=g.n_embd, bias=True, activation_function=g.activation_function,
+                               layer_norm_epsilon=g.layer_norm_epsilon, bos_token_id=g.bos_token_id,
+                               eos_token_id=g.eos_token_id, **config_overrides)
+        model = cls(config)
+        sd = {k: v.t() if k.endswith(cls._CONV1D) else v for k, v in gpt2.state_dict().items() if not k.endswith(".attn.bias")}
+        model._load_exact(sd)
+        return model
+
+    def to_gpt2(self) -> GPT2LMHeadModel:
+        """A vanilla GPT2LMHeadModel with identical logits (learned positions), for people who won't run remote code."""
+        c = self.config
+        if c.position_embedding != "learned":
+            raise ValueError(f"to_gpt2: GPT-2 has learned positions; this model uses {c.position_embedding!r}")
+        gpt2 = GPT2LMHeadModel(GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+            activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
+            tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout))
+        ours = self.state_dict()
+        sd = {}
+        for k, v in gpt2.state_dict().items():
+            if k in ours:
+                sd[k] = ours[k].t() if k.endswith(self._CONV1D) else ours[k]
+            elif k.endswith(".bias"):  # bias=False: GPT-2 always has biases; zeros are the same function
+                sd[k] = torch.zeros_like(v)
+        gpt2.load_state_dict(sd, strict=False)
+        return gpt2.to(self.device, self.dtype)
+
+    @classmethod
+    def from_nanogpt_checkpoint(cls, path, **config_overrides):
+        """Import an original nanoGPT ckpt.pt ({"model_args": ..., "model": state_dict, ...}) safely."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path}: not a nanoGPT checkpoint (expected keys 'model_args' and 'model')")
+        args = {k: ckpt["model_args"][k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")}
+        # nanoGPT's MLP uses the exact GELU; keep it so logits match nanoGPT's own model
+        config = NanoGPTConfig(**args, dropout=float(ckpt["model_args"].get("dropout", 0.0)),
+                               activation_function="gelu", **config_overrides)
+        model = cls(config)
+        # `_orig_mod.` is what saving a torch.compile'd module adds to every key
+        sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}
+        model._load_exact(sd)
+        return model
+
+    def _load_exact(self, sd):
+        """load_state_dict that insists every tensor is there with the right shape (nanoGPT's asserts)."""
+        ours = self.state_dict()
+        missing = sorted(set(ours) - set(sd) - {"lm_head.weight"})
+        unexpected = sorted(set(sd) - set(ours))
+        bad = [k for k in sd if k in ours and sd[k].shape != ours[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(f"weights don't fit this architecture: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}, wrong shape {[(k, tuple(sd[k].shape)) for k in bad[:5]]}")
+        self.load_state_dict(sd, strict=False)
+        self.tie_weights()
+
+    def init_embeddings_from(self, source, freeze=False):
+        """Initialise the token embeddings (and so the tied head) from a GPT-2 model / dir / Hub id or a
+        (vocab, n_embd) tensor, as the seed fork's pre-trained embeddings option; optionally frozen."""
+        if not torch.is_tensor(source):
+            gpt2 = source if isinstance(source, PreTrainedModel) else GPT2LMHeadModel.from_pretrained(source)
+            source = gpt2.get_input_embeddings().weight
+        wte = self.transformer.wte.weight
+        if source.dim() != 2 or source.size(1) != wte.size(1):
+            raise ValueError(f"init_embeddings_from: embeddings of shape {tuple(source.shape)} don't fit "
+                             f"n_embd={wte.size(1)}")
+        n = min(source.size(0), wte.size(0))  # e.g. GPT-2's 50257 rows into a table padded to 50304
+        with torch.no_grad():
+            wte[:n].copy_(source[:n])
+        wte.requires_grad_(not freeze)
+
+
+__all__ = ["NanoGPTModel", "NanoGPTForCausalLM", "NanoGPTPreTrainedModel", "peak_flops"]
