@@ -35,10 +35,20 @@ PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("
 def peak_flops(device) -> float | None:
     """Peak bf16 FLOP/s of `device`, or None where we don't know it (CPU, MPS, unknown GPUs)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_for_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """e.g. "NVIDIA H100 80GB HBM3" -> 989e12; None for names not in the table."""
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def _fused_adamw_devices():
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: fused AdamW exists for CUDA only
+        return ["cuda"]
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -303,13 +313,18 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
             self.transformer.wpe.num_embeddings = block_size
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
         """AdamW with decay on >=2-D tensors (matmuls, embeddings) only; fused kernel where the device has one."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        if verbose:
+            print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+            print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        # one fused kernel for the whole update instead of a loop over tensors: CUDA, and CPU since torch 2.4 (~4x
+        # faster optimizer step at the CPU baby shape)
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in _fused_adamw_devices()
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def estimate_mfu(self, fwdbwd_per_iter, dt):
@@ -409,4 +424,4 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         wte.requires_grad_(not freeze)
 
 
-__all__ = ["NanoGPTModel", "NanoGPTForCausalLM", "NanoGPTPreTrainedModel", "peak_flops"]
+__all__ = ["NanoGPTModel", "NanoGPTForCausalLM", "NanoGPTPreTrainedModel", "peak_flops", "peak_flops_for_name"]
