@@ -69,3 +69,15 @@ def char_data_dir(tmp_path_factory):
     prepare_dataset("tiny_char", data_dir=root / "tiny_char", inputs=[str(root / "input.txt")],
                     tokenizer="char", shard_size=4096)
     return root / "tiny_char"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and does not thrash when other processes share the cores.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

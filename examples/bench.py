@@ -1,0 +1,145 @@
+"""
+Benchmarks (nanoGPT's bench.py, plus the comparisons of the README's Performance table):
+
+    python examples/bench.py                               # all three at nanoGPT's CPU "baby" shape
+    python examples/bench.py --what train --iters 100      # nanogpt_hf vs GPT2LMHeadModel vs plain PyTorch
+    python examples/bench.py --what generate               # tokens/s with/without KV cache, shakespeare_char shape
+    python examples/bench.py --what generate --gen_shape gpt2 --gen_tokens 255   # at 124M (slow on CPU)
+    python examples/bench.py --what data --data_dir data/shakespeare_char
+    python examples/bench.py --preset gpt2 --device cuda --dtype bfloat16 --compile --profile prof/
+
+--what train: one training step (forward, backward, AdamW) of each model, alternating, median ms/iter,
+tokens/s, MFU (against the device's bf16 peak; n/a on CPU) and peak memory. --what generate: greedy
+generation of --gen_tokens tokens from a 1-token prompt at batch 1 and 8. --what data: the cost of sampling a
+batch (TokenShards.get_batch) as a share of a train step; without --data_dir a small char dataset is prepared
+in a temp folder from --text or from Python's standard library. Timings on a busy machine are noisy: use
+--iters, and compare only numbers from the same run.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch
+import transformers
+
+from nanogpt_hf.benchmark import PRESETS, Shape, bench_data, bench_generate, bench_train, describe_machine, \
+    format_data, format_generate, format_train, prepare_bench_data
+from nanogpt_hf.evaluation import autocast_dtype, default_device
+
+WHAT = ("train", "generate", "data")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", default="train,generate,data", help="comma-separated: train, generate, data")
+    p.add_argument("--preset", default="baby", choices=[*PRESETS, "custom"], help="shape of the train benchmark")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's value (required with --preset custom)")
+    p.add_argument("--bias", action="store_true", help="give nanogpt_hf biases too (default: nanoGPT's bias=False)")
+    p.add_argument("--activation", default="gelu_new", choices=("gelu_new", "gelu"),
+                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu_new (GPT-2's tanh GELU, the "
+                        "default of both) or gelu (exact, as nanoGPT's model.py)")
+    p.add_argument("--gpt2_activation", choices=("gelu_new", "gelu"),
+                   help="a different activation for GPT2LMHeadModel (default: --activation)")
+    p.add_argument("--iters", type=int, default=50, help="timed train steps per model")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per model first")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of nanogpt_hf's step to DIR")
+    p.add_argument("--no_reference", action="store_true", help="leave out the plain-PyTorch reference model")
+    p.add_argument("--gen_shape", default="shakespeare_char", choices=[*PRESETS, "custom"],
+                   help="shape of the generate benchmark (custom: the train shape)")
+    p.add_argument("--gen_batch_sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--gen_tokens", type=int, default=255, help="new tokens per generate call")
+    p.add_argument("--gen_repeats", type=int, default=3, help="timed generate calls with the cache (median)")
+    p.add_argument("--gen_nocache_repeats", type=int, default=1,
+                   help="timed calls without the cache (slow: batch 8 at 255 tokens takes minutes on a CPU)")
+    p.add_argument("--data_dir", help="a prepared dataset for --what data (default: a temporary char dataset)")
+    p.add_argument("--text", help="text file for the temporary dataset (default: Python's standard library)")
+    p.add_argument("--data_iters", type=int, default=1000, help="get_batch calls to average")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; on a busy machine fewer threads than "
+                                               "cores avoids thrashing)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
+    return p.parse_args(argv)
+
+
+def make_shape(preset, args):
+    values = dict(PRESETS.get(preset, {}))
+    values.update({k: v for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size")
+                   if (v := getattr(args, k)) is not None})
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size") if k not in values]
+    if missing:
+        raise ValueError(f"--preset custom needs --{' --'.join(missing)}")
+    if values["n_embd"] % values["n_head"]:
+        raise ValueError(f"--n_embd {values['n_embd']} must be divisible by --n_head {values['n_head']}")
+    return Shape(**values)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        what = [w.strip() for w in args.what.split(",") if w.strip()]
+        if not what or set(what) - set(WHAT):
+            raise ValueError(f"--what takes a comma-separated list of {', '.join(WHAT)}, got {args.what!r}")
+        if min(args.iters, args.gen_repeats, args.gen_nocache_repeats, args.data_iters) < 1 or args.warmup < 0:
+            raise ValueError("--iters, --gen_repeats, --gen_nocache_repeats and --data_iters must be >= 1, "
+                             "--warmup >= 0")
+        device = args.device or default_device()
+        dtype = autocast_dtype(device, args.dtype)
+        shape = make_shape(args.preset, args)
+        gen_shape = shape if args.gen_shape == "custom" else Shape(**PRESETS[args.gen_shape])
+        batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",")]
+        if args.text is not None and not Path(args.text).is_file():
+            raise FileNotFoundError(f"--text {args.text}: no such file")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # GPT2LMHeadModel's config chatter is noise here
+    print(f"machine: {describe_machine(device)}")
+    results = dict(machine=describe_machine(device), argv=sys.argv[1:] if argv is None else list(argv))
+    step_ms = None
+    if "train" in what or "data" in what:
+        r = bench_train(shape, device, iters=args.iters, warmup=args.warmup, dtype=dtype, compile=args.compile,
+                        bias=args.bias, reference=not args.no_reference, seed=args.seed, profile_dir=args.profile,
+                        activation=args.activation, gpt2_activation=args.gpt2_activation)
+        step_ms = r["models"]["nanogpt_hf"]["train_ms"]
+        results["train"] = r
+        print(format_train(r))
+        if args.profile:
+            print(r.pop("profile"))
+            print(f"  trace written to {args.profile}/ (open it in https://ui.perfetto.dev or chrome://tracing)")
+    if "generate" in what:
+        try:
+            r = bench_generate(gen_shape, device, batch_sizes=batch_sizes, new_tokens=args.gen_tokens,
+                               repeats=args.gen_repeats, nocache_repeats=args.gen_nocache_repeats, bias=args.bias,
+                               reference=not args.no_reference, dtype=dtype, seed=args.seed, activation=args.activation,
+                               gpt2_activation=args.gpt2_activation)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        results["generate"] = r
+        print(format_generate(r))
+    if "data" in what:
+        with tempfile.TemporaryDirectory(prefix="nanogpt_bench_") as tmp:
+            try:
+                data_dir = args.data_dir or prepare_bench_data(args.text, tmp)
+                r = bench_data(data_dir, shape.batch_size, shape.block_size, step_ms, n=args.data_iters)
+            except (ValueError, OSError) as e:
+                sys.exit(f"error: {e}")
+        results["data"] = r
+        print(format_data(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

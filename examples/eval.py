@@ -1,0 +1,188 @@
+"""
+Evaluate a model: loss/perplexity on a prepared dataset, and zero-shot benchmarks (WikiText, LAMBADA, PTB).
+
+    python examples/eval.py --model out-shakespeare-char --data_dir data/shakespeare_char          # val, 200 batches
+    python examples/eval.py --model out-shakespeare-char --data_dir data/shakespeare_char --full   # every token
+    python examples/eval.py examples/configs/eval_gpt2.yaml        # nanoGPT's GPT-2 baselines on OpenWebText
+    python examples/eval.py --model gpt2 --benchmarks wikitext2,lambada,ptb --stride 512
+    python examples/eval.py --model out --wikitext2_file wiki.test.raw --lambada_file lambada_test.jsonl  # offline
+    accelerate launch examples/eval.py --model gpt2 --data_dir data/openwebtext --full   # sums reduced over ranks
+
+Dataset loss: --eval_iters N is nanoGPT's estimate (N random batches of --batch_size x --block_size, the same
+ones every time for a --seed); --full is an exact pass over the split (non-overlapping windows).
+Benchmarks (test splits from the Hub through `datasets`, or --<name>_file): wikitext2 / wikitext103 / ptb give
+token- and word-level perplexity of the whole text with a sliding window (--max_length tokens, a new window
+every --stride tokens); lambada gives last-word accuracy. A YAML config may hold any of the flags; flags
+given on the command line win. Results: a table, and a JSON file (--out).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import yaml
+
+from nanogpt_hf.evaluation import BENCHMARKS, autocast_dtype, describe_chars, evaluate_loss, lambada_accuracy, \
+    load_benchmark, load_model, max_context, sliding_window_perplexity, unknown_chars
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="optional YAML file with any of the flags below (flags win)")
+    p.add_argument("--model", help="out_dir, Hub id, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
+    p.add_argument("--data_dir", help="a prepared dataset (examples/prepare.py) to compute the loss on")
+    p.add_argument("--split", default="val", help="split(s) of --data_dir, comma-separated, e.g. train,val")
+    p.add_argument("--eval_iters", type=int, help="random batches per split (nanoGPT's estimate; default 200)")
+    p.add_argument("--full", action="store_true", help="exact: every token of the split once")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--block_size", type=int, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--seed", type=int, default=0, help="which random batches --eval_iters draws")
+    p.add_argument("--benchmarks", default="", help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    for name in BENCHMARKS:
+        p.add_argument(f"--{name}_file", help=f"local file instead of the Hub's {name} test split (implies it)")
+    p.add_argument("--stride", type=int, default=512, help="sliding window: new tokens scored per window")
+    p.add_argument("--max_length", type=int, help="sliding window length (default: the model's context)")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: what accelerate picks)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow a Hub model's own code")
+    p.add_argument("--reference_loss", help="published losses to print next to ours, e.g. train=3.11,val=3.12")
+    p.add_argument("--out", default="eval_results.json", help="JSON file for the results")
+    return p
+
+
+def parse_args(argv=None):
+    """[config.yaml] [--flag value ...]: the YAML's keys are the flags' names; the command line wins."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected 'key: value' lines")
+        for key, value in data.items():
+            if key not in actions:
+                raise ValueError(f"unknown key {key!r} in {path} (known: {', '.join(actions)})")
+            if isinstance(value, list):  # split: [train, val]
+                value = ",".join(map(str, value))
+            if value is not None and actions[key].type is not None:
+                try:
+                    value = actions[key].type(value)
+                except ValueError:
+                    raise ValueError(f"{key} in {path}: expected {actions[key].type.__name__}, got {value!r}") from None
+            data[key] = value
+        p.set_defaults(**data)
+        args = p.parse_args(argv)
+    if not args.model:
+        raise ValueError("--model is required (on the command line or in the config file)")
+    return args
+
+
+def parse_reference(text):
+    if not text:
+        return {}
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"--reference_loss expects split=loss pairs like train=3.11,val=3.12, got {text!r}") from None
+
+
+def run(args, accelerator):
+    """Everything eval.py computes, as a dict (also what goes into the JSON file)."""
+    from nanogpt_hf.data import TokenShards
+
+    device = args.device if args.device and accelerator.num_processes == 1 else accelerator.device
+    dtype = autocast_dtype(device, args.dtype)
+    model, tokenizer = load_model(args.model, device, trust_remote_code=args.trust_remote_code)
+    results = dict(model=args.model, num_params=sum(p.numel() for p in model.parameters()), device=str(device),
+                   dtype=str(dtype or "float32"), processes=accelerator.num_processes, data={}, benchmarks={})
+    show = accelerator.is_main_process
+    if args.data_dir:
+        block_size = args.block_size or max_context(model)
+        eval_iters = None if args.full else (args.eval_iters or 200)
+        references = parse_reference(args.reference_loss)
+        for split in [s.strip() for s in args.split.split(",") if s.strip()]:
+            shards = TokenShards(args.data_dir, split)
+            r = evaluate_loss(model, shards, args.batch_size, block_size, eval_iters=eval_iters, full=args.full,
+                              accelerator=accelerator, seed=args.seed, dtype=dtype, progress=show)
+            r.update(dataset=shards.meta.get("dataset"), block_size=block_size, batch_size=args.batch_size,
+                     method="full pass" if args.full else f"{eval_iters} random batches (seed {args.seed})")
+            if split in references:
+                r["reference_loss"] = references[split]
+            results["data"][split] = r
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    names += [b for b in BENCHMARKS if getattr(args, f"{b}_file") and b not in names]
+    for name in names:
+        with accelerator.main_process_first():  # one process downloads, the others read the cache
+            data = load_benchmark(name, getattr(args, f"{name}_file"))
+        bad = unknown_chars(tokenizer, "".join(data) if isinstance(data, list) else data)
+        if bad and show:
+            print(f"note: {name} has characters outside the model's vocabulary, encoded as its replacement "
+                  f"character: {describe_chars(bad)}")
+        if BENCHMARKS[name]["kind"] == "lambada":
+            r = lambada_accuracy(model, tokenizer, data, batch_size=args.batch_size, accelerator=accelerator,
+                                 dtype=dtype, progress=show)
+        else:
+            r = sliding_window_perplexity(model, tokenizer, data, stride=args.stride, max_length=args.max_length,
+                                          batch_size=args.batch_size, accelerator=accelerator, dtype=dtype,
+                                          progress=show)
+        r["source"] = getattr(args, f"{name}_file") or "/".join(BENCHMARKS[name]["hub"][:3])
+        results["benchmarks"][name] = r
+    return results
+
+
+def format_table(results):
+    rows = [("task", "metric", "value", "details")]
+    for split, r in results["data"].items():
+        ref = f"; reference {r['reference_loss']:.2f}" if "reference_loss" in r else ""
+        rows.append((f"{r['dataset']} {split}", "loss", f"{r['loss']:.4f}",
+                     f"ppl {r['ppl']:.2f}, {r['tokens']:,} tokens, {r['method']}{ref}"))
+    for name, r in results["benchmarks"].items():
+        if "accuracy" in r:
+            rows.append((name, "accuracy", f"{100 * r['accuracy']:.2f}%",
+                         f"{r['correct']:,}/{r['total']:,} last words; target-token ppl {r['ppl']:.2f}"))
+        else:
+            rows.append((name, "token ppl", f"{r['token_ppl']:.2f}",
+                         f"word ppl {r['word_ppl']:.2f}, {r['bits_per_byte']:.3f} bits/byte, {r['n_tokens']:,} "
+                         f"tokens, {r['n_words']:,} words, window {r['max_length']} stride {r['stride']}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    head = (f"{results['model']} ({results['num_params'] / 1e6:.2f}M params), {results['device']}, "
+            f"{results['dtype']}, {results['processes']} process(es)")
+    return "\n".join([head] + ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3]
+                               for row in rows])
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        if args.eval_iters is not None and args.eval_iters < 1 or args.batch_size < 1 or args.stride < 1:
+            raise ValueError("--eval_iters, --batch_size and --stride must be >= 1")
+        unknown = [b for b in args.benchmarks.split(",") if b.strip() and b.strip() not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"--benchmarks: unknown {unknown} (choose from {', '.join(BENCHMARKS)})")
+        if not args.data_dir and not args.benchmarks and not any(getattr(args, f"{b}_file") for b in BENCHMARKS):
+            raise ValueError("nothing to evaluate: pass --data_dir and/or --benchmarks (or a --<benchmark>_file)")
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=args.device == "cpu")
+        results = run(args, accelerator)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if accelerator.is_main_process:
+        print(format_table(results))
+        results["args"] = {k: v for k, v in vars(args).items()}
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

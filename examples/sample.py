@@ -1,0 +1,138 @@
+"""
+Sample from a trained model: nanoGPT's sample.py, through transformers' generate() with the KV cache.
+
+    python examples/sample.py --model out-shakespeare-char
+    python examples/sample.py --model gpt2 --start "What is the answer to life?" --num_samples 3 --max_new_tokens 100
+    python examples/sample.py --model out-shakespeare-char --start FILE:prompt.txt --stream --seed 7
+
+--model: a train.py out_dir (any save_pretrained folder with its tokenizer), a Hub id, or gpt2 | gpt2-medium |
+gpt2-large | gpt2-xl (OpenAI's weights, needs the network once). The same folder works without this script:
+    pipeline("text-generation", model="out-shakespeare-char")("ROMEO:", max_new_tokens=100)
+
+Longer than the context: a model with learned positions cannot see more than block_size tokens. nanoGPT crops
+the context to the last block_size tokens before every new token (recomputing everything, no cache). Here,
+once the text fills the block, the context is cropped to its last block_size/2 tokens and the next block_size/2
+tokens are generated with the KV cache: every token still sees at least block_size/2 tokens, at a fraction of
+the cost. ALiBi/RoPE models generate straight through.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch
+from transformers import TextStreamer, set_seed
+
+from nanogpt_hf.evaluation import autocast, autocast_dtype, default_device, describe_chars, load_model, \
+    max_context, unknown_chars
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="out_dir, Hub id, or gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
+    p.add_argument("--start", default="\n", help='the prompt, or FILE:path to read it from a file (default "\\n")')
+    p.add_argument("--num_samples", type=int, default=10, help="number of samples to draw")
+    p.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="1.0 = as trained, < 1 less random, 0 = greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens only (0: all)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 | mps (default: the best available)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast; auto: bf16 on "
+                                                   "CUDA where supported, else float32)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a Hub model's own modeling code (not needed for nanogpt_hf models)")
+    return p.parse_args(argv)
+
+
+def read_prompt(start):
+    if start.startswith("FILE:"):
+        path = Path(start[5:])
+        if not path.is_file():
+            raise FileNotFoundError(f"--start FILE:{path}: no such file")
+        return path.read_text(encoding="utf-8")
+    return start
+
+
+def encode_prompt(tokenizer, text, device):
+    bad = unknown_chars(tokenizer, text)
+    if bad:
+        raise ValueError(f"prompt contains characters not in this model's vocabulary: {describe_chars(bad)}; "
+                         "change --start")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:  # generate needs something to continue from
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("--start is empty and the tokenizer has no BOS/EOS token to start from; give a prompt")
+        ids = [start]
+    return torch.tensor([ids], device=device)  # (1, T)
+
+
+class PlainStreamer(TextStreamer):
+    """TextStreamer that does not end each generate() call with a newline (we may call it once per chunk)."""
+
+    def on_finalized_text(self, text, stream_end=False):
+        print(text, end="", flush=True)
+
+
+def generate(model, idx, max_new_tokens, limit, streamer=None, **gen_kwargs):
+    """idx (1, T) -> (1, T + max_new_tokens) (fewer if EOS). limit: the context length to respect, or None.
+    Beyond it: chunks from the last limit // 2 tokens, each extended with the KV cache (see the docstring)."""
+    out, remaining = idx, max_new_tokens
+    while remaining > 0:
+        context = out if limit is None or out.size(1) < limit else out[:, -(limit // 2):]
+        n = remaining if limit is None else min(remaining, limit - context.size(1))
+        new = model.generate(context, max_new_tokens=n, streamer=streamer, **gen_kwargs)[:, context.size(1):]
+        out, remaining = torch.cat([out, new], dim=1), remaining - n
+        if new.size(1) < n:  # stopped at EOS
+            break
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.num_samples < 1 or args.max_new_tokens < 1:
+            raise ValueError("--num_samples and --max_new_tokens must be >= 1")
+        if args.temperature < 0 or not 0 < (args.top_p or 1) <= 1:
+            raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+        device = args.device or default_device()
+        dtype = autocast_dtype(device, args.dtype)
+        prompt = read_prompt(args.start)
+        model, tokenizer = load_model(args.model, device, trust_remote_code=args.trust_remote_code)
+        idx = encode_prompt(tokenizer, prompt, device)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+    learned = getattr(model.config, "position_embedding", "learned") == "learned"
+    limit = max_context(model) if learned else None
+    if limit is not None and idx.size(1) + args.max_new_tokens > limit:
+        print(f"note: prompt ({idx.size(1)} tokens) + --max_new_tokens {args.max_new_tokens} exceeds the model's "
+              f"context of {limit} tokens (learned positions): generating in chunks, the context cropped to its "
+              f"last {limit // 2} tokens each time", file=sys.stderr)
+    gen_kwargs = dict(do_sample=args.temperature > 0)
+    if args.temperature > 0:
+        gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if tokenizer.eos_token_id is not None:  # stop at EOS like any HF model; pad with it (silences a warning)
+        gen_kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+    streamer = PlainStreamer(tokenizer, skip_prompt=True) if args.stream else None
+
+    set_seed(args.seed)
+    with torch.no_grad(), autocast(device, dtype):
+        for _ in range(args.num_samples):
+            if streamer is not None:
+                print(tokenizer.decode(idx[0]), end="", flush=True)
+                generate(model, idx, args.max_new_tokens, limit, streamer=streamer, **gen_kwargs)
+                print()
+            else:
+                y = generate(model, idx, args.max_new_tokens, limit, **gen_kwargs)
+                print(tokenizer.decode(y[0]))
+            print("---------------")
+
+
+if __name__ == "__main__":
+    main()

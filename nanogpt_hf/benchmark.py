@@ -1,0 +1,366 @@
+"""
+Benchmarks behind examples/bench.py (nanoGPT's bench.py, plus comparisons): importable, so tests and notebooks
+can run them too.
+
+    from nanogpt_hf.benchmark import PRESETS, Shape, bench_train, bench_generate, bench_data
+    res = bench_train(Shape(**PRESETS["baby"]), device="cpu", iters=50)     # nanogpt_hf vs GPT2LMHeadModel
+    print(format_train(res))
+
+Fairness rules (every model gets the same treatment):
+- one fixed batch of random tokens (torch.manual_seed), the same torch.optim.AdamW (fused where supported,
+  as the HF Trainer's default adamw_torch_fused), the same autocast dtype, the same compile setting;
+- the models take turns step by step (the order rotates every step), after a warm-up; we report medians,
+  which shrug off the odd slow step on a shared machine;
+- nanogpt_hf runs nanoGPT's train.py defaults (bias=False, dropout=0) unless bias=True; GPT2LMHeadModel of
+  the same shape (layers, heads, width, block, vocab, dropouts 0) always has biases: the output says so.
+"""
+
+import importlib.util
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .configuration_nanogpt import NanoGPTConfig
+from .evaluation import autocast
+from .modeling_nanogpt import NanoGPTForCausalLM
+
+PRESETS = {
+    # nanoGPT README's CPU ("macbook") run of shakespeare_char
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
+    # config/train_shakespeare_char.py
+    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, vocab_size=65),
+    # GPT-2 124M as nanoGPT trains it (vocab padded to 50304)
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12, vocab_size=50304),
+}
+TRAIN_TARGET = 1.30  # nanogpt_hf step must be >= 1.3x faster than GPT2LMHeadModel's at the baby shape (issue 1/5)
+CACHE_TARGET = 4.0  # generate with the KV cache >= 4x faster than without
+GPT2_GEN_TARGET = 1.0  # and not slower than GPT2LMHeadModel.generate with its cache
+DATA_TARGET = 0.02  # get_batch < 2% of a train step
+REFERENCE_PATH = Path(__file__).resolve().parent.parent / "tests" / "reference_nanogpt.py"
+OURS, GPT2, REF = "nanogpt_hf", "GPT2LMHeadModel", "plain PyTorch"
+
+
+@dataclass
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    batch_size: int = 1
+
+    def describe(self):
+        return (f"{self.n_layer} layers, {self.n_head} heads, {self.n_embd} emb, block {self.block_size}, "
+                f"vocab {self.vocab_size}")
+
+
+# -----------------------------------------------------------------------------
+# the models under test
+
+
+def load_reference():
+    """tests/reference_nanogpt.py (a plain-PyTorch nanoGPT) as a module, or None outside a source checkout."""
+    if not REFERENCE_PATH.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("reference_nanogpt", REFERENCE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_models(shape, device, bias=False, reference=True, seed=1337, activation="gelu_new", gpt2_activation=None):
+    """{name: (model, loss_fn(x, y))} for nanogpt_hf, GPT2LMHeadModel and (optionally) the plain reference.
+
+    Each is called the way its users call it: ours with pre-shifted targets (nanoGPT's (x, y) batches), GPT-2
+    with labels=x (shifted inside, one position fewer scored), the reference with (idx, targets).
+    activation: "gelu_new" (GPT-2's tanh GELU, both libraries' default) or "gelu" (exact, nanoGPT's model.py),
+    for nanogpt_hf, and for GPT2LMHeadModel too unless gpt2_activation says otherwise; the reference always
+    uses the exact GELU."""
+    models = {}
+    torch.manual_seed(seed)
+    ours = NanoGPTForCausalLM(NanoGPTConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                                            block_size=shape.block_size, vocab_size=shape.vocab_size, bias=bias,
+                                            dropout=0.0, activation_function=activation)).to(device)
+    models[OURS] = (ours, lambda x, y: ours(x, shift_labels=y).loss)
+    torch.manual_seed(seed)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                                      n_positions=shape.block_size, vocab_size=shape.vocab_size, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+                                      activation_function=gpt2_activation or activation)).to(device)
+    models[GPT2] = (gpt2, lambda x, y: gpt2(x, labels=x).loss)
+    ref_module = load_reference() if reference else None
+    if ref_module is not None:
+        torch.manual_seed(seed)
+        ref = ref_module.GPT(ref_module.GPTConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                                                  block_size=shape.block_size, vocab_size=shape.vocab_size,
+                                                  bias=bias)).to(device)
+        models[REF] = (ref, lambda x, y: ref(x, y)[1])
+    return models
+
+
+def make_optimizer(model, device):
+    """The same AdamW for every model: nanoGPT's hyper-parameters, fused kernel where the device has one."""
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                             **({"fused": True} if fused else {}))
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_alternating(fns, iters, warmup, device):
+    """{name: fn} -> {name: [seconds per call]}: the fns take turns (rotating order) warmup + iters times."""
+    names, times = list(fns), {name: [] for name in fns}
+    for i in range(warmup + iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory_mb(device):
+    """CUDA: max allocated since the last reset; CPU: the process's max resident set size (Linux: KB)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+# -----------------------------------------------------------------------------
+# training step
+
+
+def bench_train(shape, device="cpu", iters=50, warmup=10, dtype=None, compile=False, bias=False, reference=True,
+                seed=1337, profile_dir=None, activation="gelu_new", gpt2_activation=None):
+    """Median ms of a full training step (forward, backward, AdamW) and of forward+backward only, per model."""
+    models = build_models(shape, device, bias=bias, reference=reference, seed=seed, activation=activation,
+                          gpt2_activation=gpt2_activation)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(shape.vocab_size, (shape.batch_size, shape.block_size + 1), generator=g)
+    x, y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)  # (B, T) each
+
+    def step_fn(model, loss_fn, opt):
+        def step():
+            with autocast(device, dtype):
+                loss = loss_fn(x, y)
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                model.zero_grad(set_to_none=True)
+        return step
+
+    params, train_fns, fwdbwd_fns = {}, {}, {}
+    for name, (model, loss_fn) in models.items():
+        model.train()
+        params[name] = sum(p.numel() for p in model.parameters())
+        if compile:
+            loss_fn = torch.compile(loss_fn)
+        train_fns[name] = step_fn(model, loss_fn, make_optimizer(model, device))
+        fwdbwd_fns[name] = step_fn(model, loss_fn, None)
+
+    train = time_alternating(train_fns, iters, warmup, device)
+    fwdbwd = time_alternating(fwdbwd_fns, iters, max(1, warmup // 2), device)
+    memory = {}
+    for name, fn in train_fns.items():  # peak memory of each model alone (CUDA); CPU has only the process's
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        memory[name] = peak_memory_mb(device)
+
+    ours = models[OURS][0]
+    result = dict(shape=asdict(shape), device=str(device), dtype=str(dtype or torch.float32), compile=compile,
+                  bias=bias, activation=activation, gpt2_activation=gpt2_activation or activation, iters=iters,
+                  warmup=warmup, params=params, models={},
+                  memory_kind="max allocated" if torch.device(device).type == "cuda" else "process max RSS")
+    tokens = shape.batch_size * shape.block_size
+    for name in models:
+        dt = statistics.median(train[name])
+        mfu = ours.estimate_mfu(shape.batch_size, dt)  # same shape -> same FLOPs for every model
+        result["models"][name] = dict(train_ms=dt * 1e3, fwdbwd_ms=statistics.median(fwdbwd[name]) * 1e3,
+                                      tokens_per_s=tokens / dt, mfu=mfu, peak_memory_mb=memory[name],
+                                      train_ms_min=min(train[name]) * 1e3)
+    m = result["models"]
+    result["ratio_train"] = m[GPT2]["train_ms"] / m[OURS]["train_ms"]
+    result["ratio_fwdbwd"] = m[GPT2]["fwdbwd_ms"] / m[OURS]["fwdbwd_ms"]
+    if profile_dir is not None:
+        result["profile"] = profile_step(train_fns[OURS], device, profile_dir)
+    return result
+
+
+def profile_step(step, device, out_dir, active=5):
+    """torch.profiler trace of a few steps -> out_dir (open in Perfetto / chrome://tracing); returns its table."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=active),
+                 on_trace_ready=tensorboard_trace_handler(str(out_dir)), record_shapes=True) as prof:
+        for _ in range(2 + active):
+            step()
+            prof.step()
+    sort = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=15)
+
+
+def format_train(r):
+    m = r["models"]
+    has_ref = REF in m
+    shape = Shape(**r["shape"])
+
+    def line(label, key, target=None):
+        parts = [f"{OURS} {m[OURS][key]:.1f} ms", f"{GPT2} {m[GPT2][key]:.1f} ms"]
+        if has_ref:
+            parts.append(f"{REF} {m[REF][key]:.1f} ms")
+        ratio = m[GPT2][key] / m[OURS][key]
+        tail = f" (target >= {target:.2f}x)" if target else ""
+        return f"{label:11s} " + " | ".join(parts) + f" | ratio {ratio:.2f}x{tail}"
+
+    out = [f"training step: {shape.describe()}, batch {shape.batch_size}; device {r['device']}, dtype {r['dtype']}, "
+           f"compile {r['compile']}; median of {r['iters']} alternating steps after {r['warmup']} warm-up",
+           "  params: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in r["params"].items()),
+           f"  note: {OURS} bias={r['bias']}, dropout 0 (nanoGPT train.py defaults); {GPT2} of the same shape always "
+           f"has biases; activation {OURS} {r['activation']}, {GPT2} {r['gpt2_activation']}, {REF} gelu (exact); "
+           "all use the same torch.optim.AdamW (fused where supported)",
+           line("train step", "train_ms", TRAIN_TARGET),
+           line("fwd+bwd", "fwdbwd_ms")]
+    out.append(f"  {'model':16s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'peak mem':>10s}")
+    for name, v in m.items():
+        mfu = "n/a" if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
+        out.append(f"  {name:16s} {v['train_ms']:8.1f} {v['tokens_per_s']:10,.0f} {mfu:>6s} "
+                   f"{v['peak_memory_mb']:7.0f} MB")
+    out.append(f"  (ratio = {GPT2} ms / {OURS} ms; peak mem = {r['memory_kind']}; MFU against the device's "
+               "bf16 peak, n/a where unknown, e.g. CPU)")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+@torch.no_grad()
+def greedy_loop(model, idx, new_tokens):
+    """nanoGPT's generate without a cache (re-run the whole sequence for every token), greedy."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def bench_generate(shape, device="cpu", batch_sizes=(1, 8), new_tokens=255, repeats=3, nocache_repeats=1, bias=False,
+                   reference=True, dtype=None, seed=1337, activation="gelu_new", gpt2_activation=None):
+    """tokens/s of greedy generation of new_tokens from a 1-token prompt (min_new_tokens forces the length),
+    with and without the KV cache, for nanogpt_hf and GPT2LMHeadModel (+ the plain no-cache loop).
+    Cached runs are repeated `repeats` times (median); the slow cache-less ones `nocache_repeats` times."""
+    if new_tokens + 1 > shape.block_size:
+        raise ValueError(f"--gen_tokens {new_tokens} + 1 prompt token exceed block_size {shape.block_size}")
+    models = build_models(shape, device, bias=bias, reference=reference, seed=seed, activation=activation,
+                          gpt2_activation=gpt2_activation)
+    for model, _ in models.values():
+        model.eval()
+    result = dict(shape=asdict(shape), device=str(device), new_tokens=new_tokens, repeats=repeats,
+                  nocache_repeats=nocache_repeats, bias=bias, batches={})
+    for b in batch_sizes:
+        idx = torch.zeros(b, 1, dtype=torch.long, device=device)
+
+        def hf(model, use_cache, n=new_tokens):
+            def run():
+                with autocast(device, dtype):
+                    out = model.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                         use_cache=use_cache)
+                assert out.shape == (b, 1 + n)
+            return run
+
+        def loop():
+            with autocast(device, dtype):
+                greedy_loop(models[REF][0], idx, new_tokens)
+
+        for name in (OURS, GPT2):  # warm-up: a few tokens each
+            hf(models[name][0], True, 4)()
+            hf(models[name][0], False, 4)()
+        cached = {f"{name} cache": hf(models[name][0], True) for name in (OURS, GPT2)}
+        uncached = {f"{name} no cache": hf(models[name][0], False) for name in (OURS, GPT2)}
+        if REF in models:
+            uncached[f"{REF} loop, no cache"] = loop
+        times = time_alternating(cached, repeats, 0, device)
+        times.update(time_alternating(uncached, nocache_repeats, 0, device))
+        result["batches"][b] = {name: b * new_tokens / statistics.median(t) for name, t in times.items()}
+    return result
+
+
+def format_generate(r):
+    shape = Shape(**r["shape"])
+    out = [f"generation: {shape.describe()}; {r['new_tokens']} new tokens from a 1-token prompt, greedy; "
+           f"device {r['device']}; tokens/s = batch x new tokens / median of {r['repeats']} runs (no cache: "
+           f"{r['nocache_repeats']})"]
+    for b, v in r["batches"].items():
+        ours, gpt2 = v[f"{OURS} cache"], v[f"{GPT2} cache"]
+        out.append(f"generate b={b:<2d} {OURS} cache {ours:,.0f} tok/s | no cache {v[f'{OURS} no cache']:,.0f} tok/s "
+                   f"| cache speedup {ours / v[f'{OURS} no cache']:.1f}x (target >= {CACHE_TARGET:.0f}x)")
+        out.append(f"generate b={b:<2d} {GPT2} cache {gpt2:,.0f} tok/s | no cache {v[f'{GPT2} no cache']:,.0f} tok/s "
+                   f"| cache speedup {gpt2 / v[f'{GPT2} no cache']:.1f}x")
+        if f"{REF} loop, no cache" in v:
+            out.append(f"generate b={b:<2d} {REF} loop, no cache {v[f'{REF} loop, no cache']:,.0f} tok/s")
+        out.append(f"generate b={b:<2d} {OURS} cache vs {GPT2} cache: ratio {ours / gpt2:.2f}x "
+                   f"(target >= {GPT2_GEN_TARGET:.1f}x)")
+    return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# data loading
+
+
+def prepare_bench_data(text_file, root):
+    """A small char-level data_dir under root: from text_file, or (offline, None) Python's standard library."""
+    from .data import prepare_dataset
+
+    root = Path(root)
+    if text_file is not None:
+        prepare_dataset("bench_char", data_dir=root / "bench_char", inputs=[str(text_file)], tokenizer="char")
+        return root / "bench_char"
+    prepare_dataset("python_char", data_dir=root / "python_char", max_bytes=2_000_000)
+    return root / "python_char"
+
+
+def bench_data(data_dir, batch_size, block_size, step_ms, n=1000):
+    """Cost of TokenShards.get_batch (nanogpt_hf.data.benchmark_get_batch) relative to one train step."""
+    from .data import benchmark_get_batch
+
+    seconds = benchmark_get_batch(data_dir, batch_size, block_size, n=n)
+    return dict(data_dir=str(data_dir), batch_size=batch_size, block_size=block_size, batch_ms=seconds * 1e3,
+                step_ms=step_ms, fraction=seconds * 1e3 / step_ms)
+
+
+def format_data(r):
+    return (f"data        get_batch({r['batch_size']}, {r['block_size']}) {r['batch_ms']:.3f} ms | train step "
+            f"{r['step_ms']:.1f} ms | {100 * r['fraction']:.2f}% of a step (target < {100 * DATA_TARGET:.0f}%)")
+
+
+def describe_machine(device):
+    """One line for the README's Performance table: the device, threads, torch version."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: the CPU's marketing name
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+__all__ = ["PRESETS", "Shape", "bench_train", "bench_generate", "bench_data", "prepare_bench_data", "format_train",
+           "format_generate", "format_data", "describe_machine", "build_models", "time_alternating"]

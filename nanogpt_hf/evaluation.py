@@ -1,0 +1,374 @@
+"""
+Evaluation: loss/perplexity on prepared token shards, and zero-shot benchmarks on raw text.
+
+    from nanogpt_hf.evaluation import load_model, evaluate_loss, sliding_window_perplexity, lambada_accuracy
+    model, tokenizer = load_model("out-shakespeare-char")            # or "gpt2", or a Hub id
+    evaluate_loss(model, TokenShards(data_dir, "val"), 8, 256, eval_iters=200)   # nanoGPT's estimate
+    evaluate_loss(model, TokenShards(data_dir, "val"), 8, 256, full=True)        # every token once
+    sliding_window_perplexity(model, tokenizer, text, stride=512)     # WikiText / PTB style
+    lambada_accuracy(model, tokenizer, texts)                         # LAMBADA last-word accuracy
+
+Every function takes an optional `accelerator`: each process then works on its share (its rank's windows or
+examples) and the sums are reduced across processes, so `accelerate launch examples/eval.py ...` gives the
+same numbers as one process. The final numbers come from the `evaluate` metric modules shipped in
+nanogpt_hf/metrics/ (loaded from their folder: no network needed).
+"""
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+# the zero-shot benchmarks: Hub dataset (id, config, split, text column), and how they are scored
+BENCHMARKS = {
+    "wikitext2": dict(hub=("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"), kind="perplexity"),
+    "wikitext103": dict(hub=("Salesforce/wikitext", "wikitext-103-raw-v1", "test", "text"), kind="perplexity"),
+    "ptb": dict(hub=("ptb-text-only/ptb_text_only", "penn_treebank", "test", "sentence"), kind="perplexity"),
+    "lambada": dict(hub=("EleutherAI/lambada_openai", "default", "test", "text"), kind="lambada"),
+}
+
+
+def load_metric(name):
+    """One of our evaluate metric modules (perplexity_from_nll, last_word_accuracy), loaded from its folder."""
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+# -----------------------------------------------------------------------------
+# models, devices, precision
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def autocast_dtype(device, dtype="auto"):
+    """--dtype -> the torch dtype to autocast to, or None for plain float32 (nanoGPT: bf16 where supported,
+    else fp16, on CUDA; float32 elsewhere)."""
+    device_type = torch.device(device).type
+    if dtype == "auto":
+        if device_type != "cuda":
+            return None
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+def autocast(device, dtype):
+    """Mixed precision context for a dtype from autocast_dtype() (None: no autocast)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _is_local(name):
+    return os.path.isdir(os.path.expanduser(name)) or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def load_model(name, device="cpu", trust_remote_code=False):
+    """--model -> (model in eval mode on device, tokenizer).
+
+    name: a folder written by save_pretrained (train.py's out_dir), a Hub id, or one of OpenAI's GPT-2 sizes
+    ("gpt2" ... "gpt2-xl": converted to NanoGPTForCausalLM, as nanoGPT's init_from='gpt2*'). Models of our type
+    load with our own code (registered with the Auto classes); trust_remote_code is only needed for other
+    custom models.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import NanoGPTForCausalLM
+    from .tokenization import gpt2_tokenizer
+
+    name = str(name)
+    if name in GPT2_IDS:
+        try:
+            model = NanoGPTForCausalLM.from_gpt2(name)
+        except OSError as e:
+            raise ValueError(f"--model {name}: cannot download OpenAI's GPT-2 weights ({_first_line(e)}); "
+                             "this needs the network or a Hugging Face cache that holds them") from None
+        tokenizer = gpt2_tokenizer()
+    else:
+        if _is_local(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(f"--model {name}: no such folder (expected a save_pretrained/train.py out_dir)")
+        name = os.path.expanduser(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            where = "folder" if os.path.isdir(name) else "local folder or reachable Hub id"
+            hint = " (pass --trust_remote_code if you trust its code)" if "trust_remote_code" in str(e) else ""
+            raise ValueError(f"--model {name}: not loadable as a {where}: {_first_line(e)}{hint}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model {name}: no usable tokenizer saved with the model ({_first_line(e)}); "
+                             "save one next to it with tokenizer.save_pretrained") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _first_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def unknown_chars(tokenizer, text):
+    """Characters of text that a character-level tokenizer has no id for (sorted); [] for other tokenizers."""
+    from .tokenization import char_vocab
+
+    try:
+        vocab = char_vocab(tokenizer)
+    except ValueError:  # BPE & co. cover any text
+        return []
+    return sorted(set(text) - set(vocab))
+
+
+def describe_chars(chars, limit=5):
+    """['é'] -> "'é' (U+00E9)": readable even for invisible characters."""
+    s = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:limit])
+    return s + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+def max_context(model):
+    """Longest input the model accepts: its block_size / n_positions."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers: each process sums over its share, then the sums are added up
+
+
+def _rank_world(accelerator):
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes
+
+
+def _reduce_sums(accelerator, values, device):
+    """[float, ...] summed over all processes (float64: token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()
+
+
+def _show_progress(accelerator, progress):
+    return progress and (accelerator is None or accelerator.is_main_process)
+
+
+def _perplexity(nll_sum, count):
+    metric = load_metric("perplexity_from_nll")
+    return metric.compute(nll=[nll_sum], num_tokens=[int(count)])
+
+
+# -----------------------------------------------------------------------------
+# loss on prepared token shards (what train.py trains on)
+
+
+@torch.no_grad()
+def evaluate_loss(model, shards, batch_size, block_size, eval_iters=None, full=False, accelerator=None, seed=0,
+                  dtype=None, progress=True):
+    """Mean cross-entropy over a split of a TokenShards, two ways:
+
+    eval_iters=N: nanoGPT's estimate_loss: N random batches (get_batch with steps 0..N-1 and this seed, so the
+        same windows every time); full=True: every token of the split exactly once (non-overlapping windows of
+        block_size, the last partial window dropped; the loss of every window starts from an empty context).
+    Returns dict(loss, ppl, tokens): loss = total NLL / total tokens over all processes.
+    """
+    if not full and not (isinstance(eval_iters, int) and eval_iters > 0):
+        raise ValueError(f"pass eval_iters (a positive number of batches) or full=True, got eval_iters={eval_iters!r}")
+    shards.check_vocab(model.config.vocab_size)
+    if block_size > max_context(model) and getattr(model.config, "position_embedding", "learned") == "learned":
+        raise ValueError(f"--block_size {block_size} exceeds the model's context of {max_context(model)} tokens")
+    rank, world = _rank_world(accelerator)
+    device = model.device
+    if full:
+        batches = shards.iter_sequential(batch_size, block_size, rank=rank, world_size=world, device=device)
+        total = math.ceil(len(range(rank, shards.num_windows(block_size), world)) / batch_size)
+    else:
+        batches = (shards.get_batch(batch_size, block_size, step=k, seed=seed, rank=rank, world_size=world,
+                                    device=device) for k in range(eval_iters))
+        total = eval_iters
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    show = _show_progress(accelerator, progress)
+    for x, y in tqdm(batches, total=total, desc=f"eval {shards.split}", disable=not show):
+        with autocast(device, dtype):
+            logits = model(x).logits  # (B, T, V)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    nll, count = _reduce_sums(accelerator, [nll, count], device)
+    if count == 0:
+        raise ValueError(f"the {shards.split} split has fewer than {block_size + 1} tokens: nothing to evaluate")
+    result = _perplexity(nll, count)
+    return dict(loss=result["loss"], ppl=result["perplexity"], tokens=int(count))
+
+
+# -----------------------------------------------------------------------------
+# perplexity of a long text with a sliding window (WikiText, PTB)
+
+
+def sliding_windows(n_tokens, max_length, stride):
+    """The windows that score tokens 1..n-1 of a text exactly once (token 0 has no context).
+
+    Targets go in groups of `stride` tokens: the group [s, e) is scored from the window tokens[max(0, e - L):e],
+    so each target sees at least L - stride tokens of context (fewer only near the start). stride is capped at
+    L - 1 (a window of L tokens has L - 1 targets). Yields (begin, end, num_targets)."""
+    stride = max(1, min(stride, max_length - 1))
+    for s in range(1, n_tokens, stride):
+        e = min(s + stride, n_tokens)
+        yield max(0, e - max_length), e, e - s
+
+
+@torch.no_grad()
+def sliding_window_perplexity(model, tokenizer, text, stride=512, max_length=None, batch_size=1, accelerator=None,
+                              dtype=None, progress=True):
+    """Token- and word-level perplexity of one long text (Hugging Face's "perplexity of fixed-length models"
+    recipe, with exact bookkeeping: every token after the first is scored once, see sliding_windows).
+
+    word_ppl = exp(nll_sum / n_words) with n_words = len(text.split()), the whitespace-separated words of the
+    text as given (for raw WikiText that counts punctuation attached to words as part of them, and
+    " @-@ " style tokens as words). bits_per_byte = nll_sum / ln 2 / UTF-8 bytes, comparable across tokenizers.
+    """
+    max_length = max_length or max_context(model)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise ValueError("the text is too short to evaluate (it needs at least 2 tokens)")
+    rank, world = _rank_world(accelerator)
+    windows = list(sliding_windows(len(ids), max_length, stride))[rank::world]
+    # windows of the same shape (all but the first few and the last) go through the model together
+    groups = []
+    for w in windows:
+        if groups and len(groups[-1]) < batch_size and _shape(groups[-1][0]) == _shape(w):
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    device, nll, count = model.device, 0.0, 0
+    for group in tqdm(groups, desc="perplexity", disable=not _show_progress(accelerator, progress)):
+        x = torch.tensor([ids[b:e] for b, e, _ in group], device=device)  # (B, window)
+        k = group[0][2]  # targets: the last k tokens of each window
+        with autocast(device, dtype):
+            logits = model(x, logits_to_keep=k + 1).logits[:, :-1]  # (B, k, V): positions -k-1..-2 predict the last k
+        nll += F.cross_entropy(logits.float().flatten(0, 1), x[:, -k:].flatten(), reduction="sum").item()
+        count += x[:, -k:].numel()
+    nll, count = _reduce_sums(accelerator, [nll, count], device)
+    n_words, n_bytes = len(text.split()), len(text.encode("utf-8"))
+    return dict(token_ppl=_perplexity(nll, count)["perplexity"], word_ppl=_perplexity(nll, n_words)["perplexity"],
+                bits_per_byte=nll / math.log(2) / n_bytes, nll_sum=nll, n_tokens=int(count), n_words=n_words,
+                n_bytes=n_bytes, stride=max(1, min(stride, max_length - 1)), max_length=max_length)
+
+
+def _shape(window):
+    begin, end, k = window
+    return end - begin, k
+
+
+# -----------------------------------------------------------------------------
+# LAMBADA: predict the last word of a passage
+
+
+def split_last_word(text):
+    """LAMBADA's convention: the context is everything before the last space; the target is " " + last word."""
+    context, sep, word = text.rstrip().rpartition(" ")
+    if not sep or not word or not context:
+        raise ValueError(f"LAMBADA example has no 'context word' form: {text[:60]!r}")
+    return context, " " + word
+
+
+@torch.no_grad()
+def lambada_accuracy(model, tokenizer, texts, batch_size=16, accelerator=None, dtype=None, progress=True):
+    """Last-word accuracy: the model's greedy tokens for the last word must equal its tokens exactly.
+
+    One forward pass over context + target per example: the argmax at each target position given the true
+    prefix; all of them right is exactly "greedy generation reproduces the word". Also returns ppl, the
+    perplexity of the target tokens. Examples are right-padded into batches (a causal model never looks ahead,
+    so padding after an example cannot change its logits).
+    """
+    max_length = max_context(model)
+    rank, world = _rank_world(accelerator)
+    examples = []
+    for text in list(texts)[rank::world]:
+        context, target = split_last_word(text)
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = (ctx + tgt)[-max_length:]  # crop the context's start if it is too long
+        examples.append((ids, len(tgt)))
+    device, nll, n_target = model.device, 0.0, 0
+    predictions, references = [], []
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    for batch in tqdm(batches, desc="lambada", disable=not _show_progress(accelerator, progress)):
+        width = max(len(ids) for ids, _ in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long, device=device)  # right-padded with token 0
+        for i, (ids, _) in enumerate(batch):
+            x[i, :len(ids)] = torch.tensor(ids)
+        with autocast(device, dtype):
+            logits = model(x).logits.float()  # (B, width, V)
+        for i, (ids, k) in enumerate(batch):
+            n = len(ids)
+            pred_logits, target = logits[i, n - k - 1:n - 1], x[i, n - k:n]  # (k, V), (k,)
+            nll += F.cross_entropy(pred_logits, target, reduction="sum").item()
+            n_target += k
+            predictions.append(pred_logits.argmax(-1).tolist())
+            references.append(target.tolist())
+    nll, n_target = _reduce_sums(accelerator, [nll, n_target], device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        predictions, references = gather_object(predictions), gather_object(references)
+    result = load_metric("last_word_accuracy").compute(predictions=predictions, references=references)
+    return dict(accuracy=result["accuracy"], correct=result["correct"], total=result["total"],
+                ppl=_perplexity(nll, n_target)["perplexity"], n_target_tokens=int(n_target))
+
+
+# -----------------------------------------------------------------------------
+# benchmark data: from the Hub through datasets, or a local file (offline)
+
+
+def load_benchmark(name, file=None):
+    """The text of a benchmark: a str for perplexity benchmarks, a list of passages for lambada.
+
+    file: a local alternative. Perplexity benchmarks read it as one UTF-8 text (e.g. wiki.test.raw,
+    ptb.test.txt); lambada reads a .jsonl with a "text" field per line (OpenAI's lambada_test.jsonl) or a
+    text file with one passage per line.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})")
+    kind = BENCHMARKS[name]["kind"]
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--{name}_file {file}: no such file")
+        text = path.read_text(encoding="utf-8")
+        if kind == "perplexity":
+            return text
+        lines = [line for line in text.splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            try:
+                return [json.loads(line)["text"] for line in lines]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"--{name}_file {file}: expected one JSON object with a 'text' field per line "
+                                 f"({type(e).__name__})") from None
+        return lines
+    from .data import load_hub_dataset
+
+    hub_id, config, split, column = BENCHMARKS[name]["hub"]
+    try:
+        rows = load_hub_dataset(hub_id, config, split=split, text_column=column)["text"]
+    except ValueError as e:
+        msg = str(e).replace("--hf_dataset ", "")  # data.py's wording is for prepare.py's flags
+        raise ValueError(f"{name}: {msg}; offline, pass a local copy with --{name}_file FILE") from None
+    if kind == "lambada":
+        return rows
+    # HF's perplexity recipe joins WikiText rows with blank lines; PTB is one sentence per line
+    return ("\n\n" if name.startswith("wikitext") else "\n").join(rows)

@@ -1,0 +1,58 @@
+"""examples/bench.py: a smoke run at tiny shapes (the numbers mean nothing here; the format and plumbing do).
+The real measurements are in the README's Performance table, with the commands that produced them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nanogpt_hf.benchmark import Shape, bench_train, time_alternating
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_prints_every_comparison(char_data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "examples" / "bench.py"), "--preset", "custom", "--n_layer", "1", "--n_head",
+           "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "64", "--batch_size", "2", "--iters", "2",
+           "--warmup", "1", "--gen_shape", "custom", "--gen_tokens", "4", "--gen_batch_sizes", "1,2",
+           "--gen_repeats", "1", "--data_dir", str(char_data_dir), "--data_iters", "5", "--device", "cpu",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+
+    def line(prefix):
+        found = [x for x in lines if x.startswith(prefix)]
+        assert found, f"no line starting with {prefix!r} in:\n{proc.stdout}"
+        return found[0]
+
+    train = line("train step")
+    assert "nanogpt_hf" in train and "GPT2LMHeadModel" in train and "plain PyTorch" in train
+    assert "ratio" in train and "(target >= 1.30x)" in train
+    assert "ratio" in line("fwd+bwd")
+    assert "always has biases" in proc.stdout  # the fairness note
+    for b in (1, 2):
+        assert "cache speedup" in line(f"generate b={b} ") and "(target >= 4x)" in line(f"generate b={b} ")
+        assert any(x.startswith(f"generate b={b}") and "ratio" in x and "target >= 1.0x" in x for x in lines)
+    assert "% of a step (target < 2%)" in line("data")
+    results = json.loads(out.read_text())
+    assert set(results) >= {"machine", "train", "generate", "data"}
+    assert results["train"]["ratio_train"] > 0 and results["data"]["fraction"] > 0
+
+
+def test_models_take_turns_in_rotating_order():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_alternating(fns, iters=3, warmup=1, device="cpu")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls[:6] == ["a", "b", "c", "b", "c", "a"]  # nobody always goes first
+
+
+def test_bench_train_in_process_returns_medians():
+    r = bench_train(Shape(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, batch_size=2), iters=2,
+                    warmup=0, reference=False)
+    assert set(r["models"]) == {"nanogpt_hf", "GPT2LMHeadModel"}
+    assert r["params"]["GPT2LMHeadModel"] > r["params"]["nanogpt_hf"]  # GPT-2's biases
+    assert r["models"]["nanogpt_hf"]["mfu"] is None  # CPU: peak unknown -> "n/a"
