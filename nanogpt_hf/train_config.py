@@ -1,0 +1,268 @@
+"""
+TrainConfig: every knob of a training run, as one typed dataclass (nanoGPT's names and defaults).
+
+Precedence: the defaults below < an optional YAML file < command-line flags. No exec, no globals:
+
+    python examples/train.py examples/configs/shakespeare_char_cpu.yaml --max_iters=500 --compile false
+
+    from nanogpt_hf.train_config import TrainConfig, parse_config
+    cfg = parse_config(["examples/configs/shakespeare_char_cpu.yaml", "--batch_size", "8"])
+    cfg = TrainConfig(data_dir="data/shakespeare_char", n_layer=4)
+
+Unknown keys and values of the wrong type are errors that name the key and where it came from.
+The defaults are nanoGPT's train.py: GPT-2 small (124M) on OpenWebText, ~0.5M tokens per iteration.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .configuration_nanogpt import POSITION_EMBEDDINGS
+
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+CHOICES = {
+    "mixed_precision": (None, "no", "fp16", "bf16"),
+    "report_to": ("none", "tensorboard", "wandb"),
+    "nan_policy": ("stop", "skip"),
+    "position_embedding": POSITION_EMBEDDINGS,
+}
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position_embedding", "vocab_multiple")
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # the best model (a Hugging Face model dir) and checkpoints/ go here
+    data_dir: str = "data/openwebtext"  # a dataset made by examples/prepare.py, or hf://datasets/<user>/<name>
+    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2'...'gpt2-xl' | a model dir or Hub id | nanoGPT ckpt.pt
+    eval_interval: int = 2000  # evaluate, save the best model and checkpoint every this many iterations
+    log_interval: int = 1  # print a log line every this many iterations
+    eval_iters: int = 200  # batches per split in each evaluation
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # checkpoint at every eval, not only when the val loss improved
+    keep_checkpoints: int = 2  # how many resumable checkpoints to keep in out_dir/checkpoints
+    # data
+    batch_size: int = 12  # micro-batch size, per process
+    gradient_accumulation_steps: int = 40  # micro-steps per iteration, per process (nanoGPT: 5 * 8 GPUs)
+    block_size: int = 1024  # context length in tokens
+    batch_size_warmup_iters: int = 0  # ramp the micro-batch linearly up to batch_size over this many iterations
+    batch_size_warmup_start: int = 1  # the micro-batch size at iteration 0 of that ramp
+    # model (ignored, except block_size and dropout, when init_from loads a model)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+    bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    position_embedding: str = "learned"  # 'learned' (GPT-2) | 'alibi' | 'rope'
+    vocab_multiple: int = 1  # round the model's vocab_size up to a multiple of this (64: GPT-2's 50257 -> 50304)
+    # AdamW optimizer
+    learning_rate: float = 6e-4  # max learning rate
+    max_iters: int = 600000  # total number of training iterations
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip gradients at this norm, or 0 for no clipping
+    # learning rate schedule
+    decay_lr: bool = True  # warmup + cosine decay; False: constant learning_rate
+    warmup_iters: int = 2000  # how many steps to warm up for
+    lr_decay_iters: int = 600000  # should be ~= max_iters per Chinchilla
+    min_lr: float = 6e-5  # should be ~= learning_rate/10 per Chinchilla
+    # system
+    seed: int = 1337  # seeds the weights, dropout and the batches
+    mixed_precision: str | None = None  # 'no' | 'fp16' (with loss scaling) | 'bf16'; unset: the accelerate config's
+    compile: bool = False  # torch.compile the model (nanoGPT's default is True; it gains nothing on CPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    cpu: bool = False  # train on the CPU even when a GPU is there
+    nan_policy: str = "stop"  # non-finite loss: 'stop' (the last good checkpoint stays) | 'skip' that update
+    # logging
+    report_to: str = "none"  # 'none' | 'tensorboard' | 'wandb' (Accelerate trackers)
+    project_name: str = "nanogpt_hf"  # the wandb project / tensorboard folder (under out_dir)
+    run_name: str | None = None  # the wandb run name
+    sample_at_end: int = 0  # print this many samples from the trained model at the end
+    # Hugging Face Hub
+    push_to_hub: bool = False  # upload out_dir at the end (and every push_interval), in the background
+    hub_model_id: str | None = None  # 'user/name' of the model repo
+    hub_private: bool = False  # create the repo as private
+    push_interval: int = 0  # also push at the first eval after every this many iterations; 0: only at the end
+    # testing
+    debug_dump_dir: str | None = None  # each rank writes per-iteration batch and weight hashes here (jsonl)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # types (TrainConfig(n_layer="4") is fine, n_layer="x" is not)
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), f.name))
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"--{key} must be one of {', '.join(str(c) for c in choices if c)}, "
+                                 f"got {getattr(self, key)!r}")
+        for key in ("eval_interval", "log_interval", "eval_iters", "keep_checkpoints", "batch_size",
+                    "gradient_accumulation_steps", "block_size", "batch_size_warmup_start", "n_layer", "n_head",
+                    "n_embd", "vocab_multiple"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "batch_size_warmup_iters", "push_interval",
+                    "sample_at_end", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"--beta1 and --beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
+            raise ValueError(f"--warmup_iters ({self.warmup_iters}) must be <= --lr_decay_iters "
+                             f"({self.lr_decay_iters})")
+        if self.decay_lr and self.min_lr > self.learning_rate:
+            raise ValueError(f"--min_lr ({self.min_lr}) must be <= --learning_rate ({self.learning_rate})")
+        if self.batch_size_warmup_start > self.batch_size:
+            raise ValueError(f"--batch_size_warmup_start ({self.batch_size_warmup_start}) must be <= "
+                             f"--batch_size ({self.batch_size})")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/nanogpt-shakespeare")
+        if self.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", self.hub_model_id):
+            raise ValueError(f"--hub_model_id must look like 'user/name', got {self.hub_model_id!r}")
+        check_init_from(self.init_from)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def check_init_from(value):
+    if value in ("scratch", "resume") or value in GPT2_MODELS or os.path.exists(os.path.expanduser(value)):
+        return
+    if value.startswith(("/", ".", "~")) or value.endswith(".pt") or value.count("/") > 1:
+        raise ValueError(f"--init_from: {value} not found (expected a model dir or a nanoGPT ckpt.pt)")
+    if not HUB_ID.fullmatch(value):  # anything else must be a Hub id; whether it exists shows when it loads
+        raise ValueError(f"--init_from must be 'scratch', 'resume', one of {', '.join(GPT2_MODELS)}, a model dir, "
+                         f"a Hub id (user/name) or a nanoGPT ckpt.pt; got {value!r}")
+
+
+# -----------------------------------------------------------------------------
+# parsing: types, YAML, command line
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def coerce(key, value, where):
+    """value (from YAML, the command line or Python) -> the field's type; ValueError naming `where`."""
+    typ = TYPES[key]
+    optional = isinstance(typ, types.UnionType) and type(None) in typing.get_args(typ)
+    base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{where}: expected {base.__name__}, got None")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in TRUE + FALSE and not isinstance(value, float):
+            return str(value).lower() in TRUE
+    elif base is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            try:
+                number = float(value)  # "1e3", YAML's 2.0
+                if number.is_integer():
+                    return int(number)
+            except (TypeError, ValueError):
+                pass
+    elif base is float and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 6e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            pass
+    elif base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _type_error(where, base, value)
+
+
+def _type_error(where, base, value):
+    expected = "true or false" if base is bool else base.__name__
+    hint = " (YAML reads unquoted no/yes/off/on as booleans: quote it, e.g. \"no\")" if isinstance(value, bool) else ""
+    raise ValueError(f"{where}: expected {expected}, got {value!r}{hint}")
+
+
+def _unknown(key, where):
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown key {key!r} in {where}{hint}" if where else f"unknown flag --{key}{hint}")
+
+
+def load_yaml(path):
+    """A YAML config file -> {key: typed value}; yaml.safe_load only (no code, no tags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected 'key: value' lines, got a {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        if key not in FIELDS:
+            raise _unknown(str(key), path)
+        values[key] = coerce(key, value, f"{key} in {path}")
+    return values
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """[config.yaml] [--key value | --key=value ...] -> TrainConfig (defaults < YAML < command line).
+    A bare --flag means true for booleans."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    values = {}
+    if argv and not argv[0].startswith("-"):
+        values.update(load_yaml(argv.pop(0)))
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ValueError(f"unexpected argument {arg!r}: flags look like --key=value, and a YAML config "
+                             "file may only come first")
+        key, has_value, value = arg[2:].partition("=")
+        if key not in FIELDS:
+            raise _unknown(key, None)
+        if not has_value:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i, value = i + 1, argv[i + 1]
+            elif TYPES[key] is bool:
+                value = "true"
+            else:
+                raise ValueError(f"--{key}: missing value")
+        values[key] = coerce(key, value, f"--{key}")
+        i += 1
+    return TrainConfig(**values)
+
+
+def config_help():
+    """--help text: every field with its default and the comment next to it in the source above."""
+    comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
+    lines = ["usage: train.py [config.yaml] [--key value | --key=value ...]   (defaults < YAML < flags)", ""]
+    for name, f in FIELDS.items():
+        lines.append(f"  --{name:<28} {f.default!r:<20} {comments.get(name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+__all__ = ["TrainConfig", "parse_config", "load_yaml", "coerce", "config_help", "ARCHITECTURE"]
