@@ -35,8 +35,10 @@ CHOICES = {
     "report_to": ("none", "tensorboard", "wandb"),
     "nan_policy": ("stop", "skip"),
     "position_embedding": POSITION_EMBEDDINGS,
+    "activation_function": ("gelu_new", "gelu"),
 }
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position_embedding", "vocab_multiple")
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position_embedding", "activation_function",
+                "vocab_multiple")
 
 
 @dataclass
@@ -64,6 +66,7 @@ class TrainConfig:
     dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
     bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     position_embedding: str = "learned"  # 'learned' (GPT-2) | 'alibi' | 'rope'
+    activation_function: str = "gelu_new"  # GPT-2's tanh GELU | 'gelu': nanoGPT's exact one (faster on CPU)
     vocab_multiple: int = 1  # round the model's vocab_size up to a multiple of this (64: GPT-2's 50257 -> 50304)
     # AdamW optimizer
     learning_rate: float = 6e-4  # max learning rate

@@ -101,6 +101,7 @@ def build_model(cfg, data, resume_dir=None, log=print):
         model = NanoGPTForCausalLM(NanoGPTConfig(
             vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, position_embedding=cfg.position_embedding,
+            activation_function=cfg.activation_function,
             eos_token_id=data.eot_token_id))
     elif cfg.init_from.endswith(".pt"):  # a checkpoint of the original nanoGPT
         model = NanoGPTForCausalLM.from_nanogpt_checkpoint(os.path.expanduser(cfg.init_from), **dropout)
@@ -449,7 +450,7 @@ def train(cfg: TrainConfig) -> dict:
     # -------------------------------------------------------------------------
     # optimizer, and everything through accelerator.prepare (DDP / FSDP / DeepSpeed wrapping, device, autocast)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           accelerator.device.type)
+                                           accelerator.device.type, verbose=master)
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants a micro-batch size; we have no DataLoader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
