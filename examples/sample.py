@@ -9,11 +9,9 @@ Sample from a trained model: nanoGPT's sample.py, through transformers' generate
 gpt2-large | gpt2-xl (OpenAI's weights, needs the network once). The same folder works without this script:
     pipeline("text-generation", model="out-shakespeare-char")("ROMEO:", max_new_tokens=100)
 
-Longer than the context: a model with learned positions cannot see more than block_size tokens. nanoGPT crops
-the context to the last block_size tokens before every new token (recomputing everything, no cache). Here,
-once the text fills the block, the context is cropped to its last block_size/2 tokens and the next block_size/2
-tokens are generated with the KV cache: every token still sees at least block_size/2 tokens, at a fraction of
-the cost. ALiBi/RoPE models generate straight through.
+Longer than the context: a model with learned positions cannot see more than block_size tokens, so the context
+is cropped (nanogpt_hf.evaluation.generate_cropped: chunks of block_size/2 new tokens with the KV cache, each
+token seeing at least block_size/2 tokens). ALiBi/RoPE models generate straight through.
 """
 
 import argparse
@@ -25,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 from transformers import TextStreamer, set_seed
 
-from nanogpt_hf.evaluation import autocast, autocast_dtype, default_device, describe_chars, load_model, \
-    max_context, unknown_chars
+from nanogpt_hf.evaluation import autocast, autocast_dtype, context_limit, default_device, describe_chars, \
+    generate_cropped, load_model, unknown_chars
 
 
 def parse_args(argv=None):
@@ -78,20 +76,6 @@ class PlainStreamer(TextStreamer):
         print(text, end="", flush=True)
 
 
-def generate(model, idx, max_new_tokens, limit, streamer=None, **gen_kwargs):
-    """idx (1, T) -> (1, T + max_new_tokens) (fewer if EOS). limit: the context length to respect, or None.
-    Beyond it: chunks from the last limit // 2 tokens, each extended with the KV cache (see the docstring)."""
-    out, remaining = idx, max_new_tokens
-    while remaining > 0:
-        context = out if limit is None or out.size(1) < limit else out[:, -(limit // 2):]
-        n = remaining if limit is None else min(remaining, limit - context.size(1))
-        new = model.generate(context, max_new_tokens=n, streamer=streamer, **gen_kwargs)[:, context.size(1):]
-        out, remaining = torch.cat([out, new], dim=1), remaining - n
-        if new.size(1) < n:  # stopped at EOS
-            break
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -107,8 +91,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
-    learned = getattr(model.config, "position_embedding", "learned") == "learned"
-    limit = max_context(model) if learned else None
+    limit = context_limit(model)
     if limit is not None and idx.size(1) + args.max_new_tokens > limit:
         print(f"note: prompt ({idx.size(1)} tokens) + --max_new_tokens {args.max_new_tokens} exceeds the model's "
               f"context of {limit} tokens (learned positions): generating in chunks, the context cropped to its "
@@ -126,10 +109,10 @@ def main(argv=None):
         for _ in range(args.num_samples):
             if streamer is not None:
                 print(tokenizer.decode(idx[0]), end="", flush=True)
-                generate(model, idx, args.max_new_tokens, limit, streamer=streamer, **gen_kwargs)
+                generate_cropped(model, idx, args.max_new_tokens, limit, streamer=streamer, **gen_kwargs)
                 print()
             else:
-                y = generate(model, idx, args.max_new_tokens, limit, **gen_kwargs)
+                y = generate_cropped(model, idx, args.max_new_tokens, limit, **gen_kwargs)
                 print(tokenizer.decode(y[0]))
             print("---------------")
 

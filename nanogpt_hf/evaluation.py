@@ -143,6 +143,32 @@ def max_context(model):
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
 
 
+def context_limit(model):
+    """The context length generation must respect: max_context for learned positions, None for ALiBi/RoPE."""
+    learned = getattr(model.config, "position_embedding", "learned") == "learned"
+    return max_context(model) if learned else None
+
+
+def generate_cropped(model, idx, max_new_tokens, limit, streamer=None, **gen_kwargs):
+    """generate() that may run past the context. idx (1, T) -> (1, T + max_new_tokens) (fewer if EOS).
+    limit: the context length to respect (context_limit(model)), or None. nanoGPT crops the context to the last
+    block_size tokens before every new token (recomputing everything, no cache). Here, once the text fills the
+    block, the context is cropped to its last limit // 2 tokens and the next limit // 2 tokens are generated with
+    the KV cache: every token still sees at least limit // 2 tokens, at a fraction of the cost."""
+    out, remaining = idx, max_new_tokens
+    while remaining > 0:
+        context = out if limit is None or out.size(1) < limit else out[:, -(limit // 2):]
+        n = remaining if limit is None else min(remaining, limit - context.size(1))
+        # max_length rather than max_new_tokens: the same thing here, and no clash with the max_length that a
+        # learned-position model's generation_config carries
+        new = model.generate(context, max_length=context.size(1) + n, streamer=streamer, **gen_kwargs)
+        new = new[:, context.size(1):]
+        out, remaining = torch.cat([out, new], dim=1), remaining - n
+        if new.size(1) < n:  # stopped at EOS
+            break
+    return out
+
+
 # -----------------------------------------------------------------------------
 # distributed helpers: each process sums over its share, then the sums are added up
 

@@ -334,22 +334,21 @@ def digest(tensors):
 
 @torch.no_grad()
 def print_samples(out_dir, n, accelerator, max_new_tokens=500, temperature=0.8, top_k=200):
-    """n samples from the saved model, loaded with plain transformers (which proves out_dir loads). nanoGPT's
-    sampling loop: the context slides over the last block_size tokens, so samples may be longer than that."""
+    """n samples from the saved model, loaded with plain transformers (which proves out_dir loads), with
+    sample.py's settings and its context cropping, so samples may be longer than block_size."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import context_limit, generate_cropped
 
     with quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(out_dir).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    idx = torch.tensor([tokenizer.encode("\n", add_special_tokens=False) or [0]], device=model.device)  # (1, t)
     for _ in range(n):
-        idx = torch.tensor([tokenizer.encode("\n", add_special_tokens=False) or [0]], device=model.device)  # (1, t)
         with accelerator.autocast():
-            for _ in range(max_new_tokens):
-                logits = model(idx[:, -model.config.block_size:], logits_to_keep=1, use_cache=False).logits[:, -1, :]
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits = (logits / temperature).masked_fill(logits < v[:, [-1]], float("-inf"))
-                idx = torch.cat((idx, torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1)), dim=1)
-        print(tokenizer.decode(idx[0].tolist()))
+            out = generate_cropped(model, idx, max_new_tokens, context_limit(model), do_sample=True,
+                                   temperature=temperature, top_k=top_k, pad_token_id=model.config.eos_token_id)
+        print(tokenizer.decode(out[0].tolist()))
         print("---------------")
 
 

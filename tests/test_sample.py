@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+from nanogpt_hf.evaluation import generate_cropped
 from nanogpt_hf.tokenization import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,12 +94,12 @@ def test_prompt_from_file_and_greedy(sample_module, model_dir, tmp_path, capsys)
     assert first == second and first.startswith("Before we")  # temperature 0 = greedy: deterministic
 
 
-def test_chunked_generation_is_a_per_token_crop_loop(sample_module, model_dir):
+def test_chunked_generation_is_a_per_token_crop_loop(model_dir):
     """generate() past the context, with the KV cache, equals a plain greedy loop that recomputes each token
     from the context the docstring promises: once the text fills the block, the last block_size/2 tokens."""
     model = NanoGPTForCausalLM.from_pretrained(model_dir).eval()
     idx = torch.tensor([[3, 5, 7, 11, 13]])
-    out = sample_module.generate(model, idx, 60, limit=BLOCK, do_sample=False)
+    out = generate_cropped(model, idx, 60, limit=BLOCK, do_sample=False)
     ref, start = idx, 0  # start: where the current context begins
     with torch.no_grad():
         while ref.size(1) < idx.size(1) + 60:
@@ -107,7 +108,7 @@ def test_chunked_generation_is_a_per_token_crop_loop(sample_module, model_dir):
             logits = model(ref[:, start:]).logits[:, -1]
             ref = torch.cat([ref, logits.argmax(-1, keepdim=True)], dim=1)
     assert out.tolist() == ref.tolist()
-    unlimited = sample_module.generate(model, idx, BLOCK - 5, limit=BLOCK, do_sample=False)
+    unlimited = generate_cropped(model, idx, BLOCK - 5, limit=BLOCK, do_sample=False)
     assert unlimited.tolist() == ref[:, :BLOCK].tolist()  # within the block: plain generate()
 
 
