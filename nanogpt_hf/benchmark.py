@@ -29,7 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from .configuration_nanogpt import NanoGPTConfig
 from .evaluation import autocast
-from .modeling_nanogpt import NanoGPTForCausalLM
+from .modeling_nanogpt import NanoGPTForCausalLM, fused_adamw_available
 
 PRESETS = {
     # nanoGPT README's CPU ("macbook") run of shakespeare_char
@@ -107,7 +107,7 @@ def build_models(shape, device, bias=False, reference=True, seed=1337, activatio
 
 def make_optimizer(model, device):
     """The same AdamW for every model: nanoGPT's hyper-parameters, fused kernel where the device has one."""
-    fused = torch.device(device).type in ("cuda", "cpu")
+    fused = fused_adamw_available(torch.device(device).type)  # the same rule as configure_optimizers
     return torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                              **({"fused": True} if fused else {}))
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .train_config import GPT2_MODELS
+
 METRICS_DIR = Path(__file__).parent / "metrics"
-GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # the zero-shot benchmarks: Hub dataset (id, config, split, text column), and how they are scored
 BENCHMARKS = {
@@ -91,7 +92,7 @@ def load_model(name, device="cpu", trust_remote_code=False):
     from .tokenization import gpt2_tokenizer
 
     name = str(name)
-    if name in GPT2_IDS:
+    if name in GPT2_MODELS:
         try:
             model = NanoGPTForCausalLM.from_gpt2(name)
         except OSError as e:

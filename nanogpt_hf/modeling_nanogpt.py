@@ -43,12 +43,15 @@ def peak_flops_for_name(name: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def _fused_adamw_devices():
+def fused_adamw_available(device_type) -> bool:
+    """Whether torch has the fused (single-kernel) AdamW for this device type: CUDA, and CPU since torch 2.4."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return False
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        return _get_fused_kernels_supported_devices()
+        return device_type in _get_fused_kernels_supported_devices()
     except ImportError:  # older torch: fused AdamW exists for CUDA only
-        return ["cuda"]
+        return device_type == "cuda"
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -324,7 +327,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         # one fused kernel for the whole update instead of a loop over tensors: CUDA, and CPU since torch 2.4 (~4x
         # faster optimizer step at the CPU baby shape)
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in _fused_adamw_devices()
+        fused = fused_adamw_available(device_type)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def estimate_mfu(self, fwdbwd_per_iter, dt):

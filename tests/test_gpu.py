@@ -7,16 +7,13 @@ training forward without graph breaks, KV-cached generation on CUDA. Skipped wit
 import pytest
 import torch
 
-from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+from test_modeling import tiny  # tests/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def model(**kw):
-    args = dict(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128)
-    args.update(kw)
-    torch.manual_seed(0)
-    return NanoGPTForCausalLM(NanoGPTConfig(**args)).cuda()
+    return tiny(**dict(dict(vocab_size=256, block_size=128, n_head=4, n_embd=128), **kw)).cuda()
 
 
 def test_bf16_sdpa_matches_eager():
