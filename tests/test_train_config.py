@@ -80,6 +80,7 @@ def test_numbers_and_none():
     (["--init_from=./no/such/dir"], "--init_from: ./no/such/dir not found"),
     (["--init_from=not a model"], "--init_from must be 'scratch', 'resume'"),
     (["--report_to=mlflow"], "--report_to must be one of none, tensorboard, wandb"),
+    (["--activation_function=relu"], "--activation_function must be one of gelu_new, gelu"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ValueError) as e:
