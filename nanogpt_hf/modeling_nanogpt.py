@@ -69,6 +69,41 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+_GELU_K, _GELU_A = math.sqrt(2 / math.pi), 0.044715
+
+
+class _SigmoidTanhGELU(torch.autograd.Function):
+    """GPT-2's tanh GELU computed as x * sigmoid(2z), z = K (x + A x^3): the same function, since
+    0.5 (1 + tanh(z)) == sigmoid(2z). Why: torch's CPU tanh kernel is slow. At the baby shape (12x64x512) this
+    takes 1.0 ms forward+backward against 2.8-3.1 ms for F.gelu(approximate="tanh"), as fast as the exact GELU."""
+
+    @staticmethod
+    def forward(ctx, x):
+        # 2z = x (2K + 2KA x^2); few passes over memory: one fused multiply-add, then in place
+        s = torch.addcmul(x.new_tensor(2 * _GELU_K), x, x, value=2 * _GELU_K * _GELU_A).mul_(x).sigmoid_()
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        # d/dx [x s] = s + s (1 - s) d,  d = x d(2z)/dx = x (2K + 6KA x^2);  written s (1 + d - d s)
+        d = torch.addcmul(x.new_tensor(2 * _GELU_K), x, x, value=6 * _GELU_K * _GELU_A).mul_(x)
+        return d.addcmul_(d, s, value=-1).add_(1).mul_(s).mul_(grad)
+
+
+class TanhGELU(nn.Module):
+    """GPT-2's "gelu_new". float32 on CPU: the sigmoid form above; elsewhere (CUDA, bf16, torch.compile) torch's
+    own fused kernel, which is the fast one there. Tiny inputs (one token of generation) also take torch's
+    kernel: below ~16K elements the Python autograd.Function call (~15 us) costs more than it saves."""
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= 16384
+                and not torch.compiler.is_compiling()):
+            return _SigmoidTanhGELU.apply(x)
+        return F.gelu(x, approximate="tanh")
+
+
 # -----------------------------------------------------------------------------
 # the transformer: attention, MLP, block
 
@@ -118,7 +153,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # GPT-2 used the tanh approximation ("gelu_new"); nanoGPT's own model.py uses the exact erf GELU
-        self.gelu = nn.GELU(approximate="tanh" if config.activation_function == "gelu_new" else "none")
+        self.gelu = TanhGELU() if config.activation_function == "gelu_new" else nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_proj = True
         self.dropout = nn.Dropout(config.dropout)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, NanoGPTModel
-from nanogpt_hf.modeling_nanogpt import peak_flops, peak_flops_for_name
+from nanogpt_hf.modeling_nanogpt import TanhGELU, _SigmoidTanhGELU, peak_flops, peak_flops_for_name
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_nanogpt import GPT, GPTConfig  # noqa: E402
@@ -130,6 +130,38 @@ def test_from_gpt2_parity(shape):
         diff = (gpt2(x).logits - ours(x).logits).abs().max().item()
     assert diff <= 1e-5
     assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_tanh_gelu_matches_torch_and_gpt2_gradients():
+    # the CPU sigmoid form of GPT-2's tanh GELU: exact autograd, same values and gradients as torch's kernel
+    assert torch.autograd.gradcheck(_SigmoidTanhGELU.apply, ((torch.randn(3, 5, 7, dtype=torch.float64) * 4).requires_grad_(),))
+    x64 = (torch.randn(4, 64, 96, dtype=torch.float64) * 4).requires_grad_()  # 24,576 elements: the fast path
+    x32 = x64.detach().float().requires_grad_()
+    y = TanhGELU()(x32)
+    assert type(y.grad_fn).__name__ == "_SigmoidTanhGELUBackward"
+    ref = F.gelu(x64, approximate="tanh")
+    assert (y.double() - ref).abs().max().item() < 1e-5
+    g = torch.randn_like(x32)
+    y.backward(g)
+    ref.backward(g.double())
+    assert (x32.grad.double() - x64.grad).abs().max().item() < 1e-5
+    # whole-model training gradients equal GPT2LMHeadModel's (MLP activations 4x16x256: the fast path again)
+    torch.manual_seed(3)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_positions=16, n_layer=2, n_head=2, n_embd=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ours = NanoGPTForCausalLM.from_gpt2(gpt2, dropout=0.0)
+    idx = torch.randint(0, 61, (4, 16))
+    gpt2(idx, labels=idx).loss.backward()
+    ours(idx, labels=idx).loss.backward()
+    ours_params = dict(ours.named_parameters())
+    checked = 0
+    for name, p in gpt2.named_parameters():
+        if name in ours_params:
+            mine = ours_params[name].grad
+            mine = mine.t() if name.endswith(NanoGPTForCausalLM._CONV1D) else mine
+            assert (mine - p.grad).abs().max().item() < 1e-5, name
+            checked += 1
+    assert checked == len(ours_params)
 
 
 def test_from_gpt2_local_dir(tmp_path):
