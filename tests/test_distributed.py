@@ -98,3 +98,18 @@ def test_two_nodes_on_loopback(char_data_dir, tmp_path, single_process_reference
     logs = [finish(node) for node in nodes]
     assert "MULTI_CPU: 2 process(es)" in logs[0]
     check_data_parallel(out, single_process_reference)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback of a GPU config")
+def test_gpu_config_without_gpus_is_refused(char_data_dir, tmp_path):
+    # without GPUs, accelerate starts the 2 processes of fsdp.yaml but sets each up as a lone process: they would
+    # both train and write out_dir; the trainer must refuse instead (with --cpu true they run as MULTI_CPU DDP)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs/fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "examples/train.py"),
+           *tiny_args(ddp_cfg(char_data_dir, tmp_path / "out", cpu=False))]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "error: launched as 2 processes but Accelerate set up 1" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
