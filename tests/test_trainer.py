@@ -250,10 +250,27 @@ def test_init_from_model_dir_gpt2_dir_and_crop(char_data_dir, tmp_path):
 def test_report_to_a_missing_tracker_is_a_clear_error(char_data_dir, tmp_path):
     import importlib.util
 
-    if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("tensorboard is installed")
-    with pytest.raises(ValueError, match=r"--report_to tensorboard: .*pip install tensorboard"):
-        train(tiny_cfg(char_data_dir, tmp_path / "out", report_to="tensorboard"))
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(ValueError, match=r"--report_to wandb: .*pip install wandb"):
+        train(tiny_cfg(char_data_dir, tmp_path / "out", report_to="wandb"))
+
+
+def test_report_to_tensorboard_writes_the_curves(char_data_dir, tmp_path):
+    pytest.importorskip("tensorboard")  # in the test extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    results = train(tiny_cfg(char_data_dir, out, report_to="tensorboard", project_name="tb_run"))
+    assert list((out / "tb_run").glob("events.out.tfevents.*")), f"no tensorboard event file in {out / 'tb_run'}"
+    acc = EventAccumulator(str(out / "tb_run")).Reload()
+    train_loss = acc.Scalars("train/loss")
+    assert [e.step for e in train_loss] == list(range(8))  # every iteration (log_interval=1)
+    assert train_loss[-1].value < train_loss[0].value
+    val = acc.Scalars("val/loss")
+    assert [e.step for e in val] == [0, 4, 8]
+    assert abs(val[-1].value - results["final_val_loss"]) < 1e-4
+    assert {"lr", "grad_norm"} <= set(acc.Tags()["scalars"])
 
 
 # -----------------------------------------------------------------------------
