@@ -11,7 +11,7 @@ and prints ms/iteration, tokens/s and the loop's overhead in %. Alternating the 
 drifts of a shared machine out of the comparison, and medians of per-iteration times ignore its spikes.
 
     python examples/train_overhead.py examples/configs/shakespeare_char_cpu.yaml
-    python examples/train_overhead.py examples/configs/shakespeare_char_cpu.yaml --threads 1 --repeats 10
+    python examples/train_overhead.py examples/configs/shakespeare_char_cpu.yaml --threads 1 --repeats 20
     python examples/train_overhead.py examples/configs/python_char_cpu.yaml --iters 50 --batch_size=4
 """
 
@@ -84,8 +84,10 @@ def loop_ms(cfg, iters):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a training YAML config; any --key=value after it overrides the config")
-    p.add_argument("--iters", type=int, default=100, help="iterations per measurement")
-    p.add_argument("--repeats", type=int, default=5, help="measurements of each kind, interleaved")
+    # many short rounds rather than a few long ones: the speed of a shared CPU drifts by several % over tens of
+    # seconds, and finer interleaving keeps that drift out of the comparison
+    p.add_argument("--iters", type=int, default=30, help="iterations per measurement")
+    p.add_argument("--repeats", type=int, default=16, help="measurements of each kind, interleaved")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args, overrides = p.parse_known_args()  # the rest: --key=value overrides of the training config
     try:
