@@ -164,6 +164,18 @@ def test_tanh_gelu_matches_torch_and_gpt2_gradients():
     assert checked == len(ours_params)
 
 
+def test_torch_export_uses_torchs_gelu_kernel():
+    # under torch.export / torch.compile the model must not hand a Python autograd.Function to the tracer
+    model = tiny(n_embd=128, n_head=4, block_size=64).eval()
+    x = torch.randint(0, model.config.vocab_size, (4, 64))  # MLP activations of 4x64x512: the eager fast path
+    program = torch.export.export(model, (x,), kwargs={"use_cache": False})
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.gelu.default" in targets
+    with torch.no_grad():
+        expected = model(x, use_cache=False).logits
+    assert (program.module()(x, use_cache=False).logits - expected).abs().max().item() < 1e-5
+
+
 def test_from_gpt2_local_dir(tmp_path):
     torch.manual_seed(2)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_layer=2, n_head=2, n_embd=16)).eval()
