@@ -117,17 +117,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_alternating(fns, iters, warmup, device):
-    """{name: fn} -> {name: [seconds per call]}: the fns take turns (rotating order) warmup + iters times."""
+def minor_page_faults():
+    """Page faults of this process so far that the kernel served without I/O: each one is a fresh page of memory
+    the allocator took from the OS (and the kernel zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_alternating(fns, iters, warmup, device, faults=None):
+    """{name: fn} -> {name: [seconds per call]}: the fns take turns (rotating order) warmup + iters times.
+    A dict passed as `faults` gets {name: [minor page faults per call]} too."""
     names, times = list(fns), {name: [] for name in fns}
     for i in range(warmup + iters):
         for name in names[i % len(names):] + names[:i % len(names)]:
             _sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = minor_page_faults(), time.perf_counter()
             fns[name]()
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                if faults is not None:
+                    faults.setdefault(name, []).append(minor_page_faults() - f0)
     return times
 
 
@@ -173,7 +182,8 @@ def bench_train(shape, device="cpu", iters=50, warmup=10, dtype=None, compile=Fa
         train_fns[name] = step_fn(model, loss_fn, make_optimizer(model, device))
         fwdbwd_fns[name] = step_fn(model, loss_fn, None)
 
-    train = time_alternating(train_fns, iters, warmup, device)
+    faults = {}
+    train = time_alternating(train_fns, iters, warmup, device, faults=faults)
     fwdbwd = time_alternating(fwdbwd_fns, iters, max(1, warmup // 2), device)
     memory = {}
     for name, fn in train_fns.items():  # peak memory of each model alone (CUDA); CPU has only the process's
@@ -193,7 +203,8 @@ def bench_train(shape, device="cpu", iters=50, warmup=10, dtype=None, compile=Fa
         mfu = ours.estimate_mfu(shape.batch_size, dt)  # same shape -> same FLOPs for every model
         result["models"][name] = dict(train_ms=dt * 1e3, fwdbwd_ms=statistics.median(fwdbwd[name]) * 1e3,
                                       tokens_per_s=tokens / dt, mfu=mfu, peak_memory_mb=memory[name],
-                                      train_ms_min=min(train[name]) * 1e3)
+                                      train_ms_min=min(train[name]) * 1e3,
+                                      page_faults=statistics.median(faults[name]))
     m = result["models"]
     result["ratio_train"] = m[GPT2]["train_ms"] / m[OURS]["train_ms"]
     result["ratio_fwdbwd"] = m[GPT2]["fwdbwd_ms"] / m[OURS]["fwdbwd_ms"]
@@ -238,13 +249,14 @@ def format_train(r):
            "all use the same torch.optim.AdamW (fused where supported)",
            line("train step", "train_ms", TRAIN_TARGET),
            line("fwd+bwd", "fwdbwd_ms")]
-    out.append(f"  {'model':16s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'peak mem':>10s}")
+    out.append(f"  {'model':16s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'peak mem':>10s} {'faults':>7s}")
     for name, v in m.items():
         mfu = "n/a" if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
         out.append(f"  {name:16s} {v['train_ms']:8.1f} {v['tokens_per_s']:10,.0f} {mfu:>6s} "
-                   f"{v['peak_memory_mb']:7.0f} MB")
+                   f"{v['peak_memory_mb']:7.0f} MB {v['page_faults']:7.0f}")
     out.append(f"  (ratio = {GPT2} ms / {OURS} ms; peak mem = {r['memory_kind']}; MFU against the device's "
-               "bf16 peak, n/a where unknown, e.g. CPU)")
+               "bf16 peak, n/a where unknown, e.g. CPU; faults = median minor page faults per step: fresh pages "
+               "from the OS, which glibc's malloc takes again and again when it trims its heap, see README)")
     return "\n".join(out)
 
 

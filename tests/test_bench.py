@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from nanogpt_hf.benchmark import Shape, bench_train, time_alternating
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +52,19 @@ def test_models_take_turns_in_rotating_order():
     assert calls[:6] == ["a", "b", "c", "b", "c", "a"]  # nobody always goes first
 
 
+def test_page_faults_are_counted_per_call():
+    # 64 MB is above glibc's largest mmap threshold: each call maps fresh memory and the kernel faults in every
+    # page (16,384 of 4 KB; at least 32 where transparent huge pages are always on)
+    faults = {}
+    time_alternating({"alloc": lambda: torch.ones(16 * 2**20), "idle": lambda: None}, iters=3, warmup=1,
+                     device="cpu", faults=faults)
+    assert min(faults["alloc"]) >= 32 and max(faults["idle"]) < min(faults["alloc"]) // 4, faults
+
+
 def test_bench_train_in_process_returns_medians():
     r = bench_train(Shape(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, batch_size=2), iters=2,
                     warmup=0, reference=False)
     assert set(r["models"]) == {"nanogpt_hf", "GPT2LMHeadModel"}
     assert r["params"]["GPT2LMHeadModel"] > r["params"]["nanogpt_hf"]  # GPT-2's biases
     assert r["models"]["nanogpt_hf"]["mfu"] is None  # CPU: peak unknown -> "n/a"
+    assert all(v["page_faults"] >= 0 for v in r["models"].values())
