@@ -9,7 +9,8 @@ Benchmarks (nanoGPT's bench.py, plus the comparisons of the README's Performance
     python examples/bench.py --preset gpt2 --device cuda --dtype bfloat16 --compile --profile prof/
 
 --what train: one training step (forward, backward, AdamW) of each model, alternating, median ms/iter,
-tokens/s, MFU (against the device's bf16 peak; n/a on CPU) and peak memory. --what generate: greedy
+tokens/s, MFU (against the device's bf16 peak; n/a on CPU), peak memory and minor page faults per step (fresh
+memory from the OS). --what generate: greedy
 generation of --gen_tokens tokens from a 1-token prompt at batch 1 and 8. --what data: the cost of sampling a
 batch (TokenShards.get_batch) as a share of a train step; without --data_dir a small char dataset is prepared
 in a temp folder from --text or from Python's standard library. Timings on a busy machine are noisy: use
