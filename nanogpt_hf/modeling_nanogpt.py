@@ -74,8 +74,9 @@ _GELU_K, _GELU_A = math.sqrt(2 / math.pi), 0.044715
 
 class _SigmoidTanhGELU(torch.autograd.Function):
     """GPT-2's tanh GELU computed as x * sigmoid(2z), z = K (x + A x^3): the same function, since
-    0.5 (1 + tanh(z)) == sigmoid(2z). Why: torch's CPU tanh kernel is slow. At the baby shape (12x64x512) this
-    takes 1.0 ms forward+backward against 2.8-3.1 ms for F.gelu(approximate="tanh"), as fast as the exact GELU."""
+    0.5 (1 + tanh(z)) == sigmoid(2z). Why: torch's CPU tanh kernel is slow. At the baby shape (12x64x512) on a
+    2-core EPYC this takes 0.76 ms forward+backward, against 1.6 ms for F.gelu(approximate="tanh") and 0.6 ms
+    for the exact GELU (medians; the README has the history)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -87,9 +88,11 @@ class _SigmoidTanhGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, s = ctx.saved_tensors
-        # d/dx [x s] = s + s (1 - s) d,  d = x d(2z)/dx = x (2K + 6KA x^2);  written s (1 + d - d s)
+        # d/dx [x s] = s + s (1 - s) d,  d = x d(2z)/dx = x (2K + 6KA x^2);  written s + s (d - d s),
+        # in place in one new tensor (out= may alias an input of the same layout)
         d = torch.addcmul(x.new_tensor(2 * _GELU_K), x, x, value=6 * _GELU_K * _GELU_A).mul_(x)
-        return d.addcmul_(d, s, value=-1).add_(1).mul_(s).mul_(grad)
+        d.addcmul_(d, s, value=-1)
+        return torch.addcmul(s, d, s, out=d).mul_(grad)
 
 
 class TanhGELU(nn.Module):
