@@ -45,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--activation", default="gelu_new", choices=("gelu_new", "gelu"),
                    help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu_new (GPT-2's tanh GELU, the "
                         "default of both) or gelu (exact, as nanoGPT's model.py)")
-    p.add_argument("--gpt2_activation", choices=("gelu_new", "gelu"),
-                   help="a different activation for GPT2LMHeadModel (default: --activation)")
+    p.add_argument("--gpt2_activation", choices=("gelu_new", "gelu", "gelu_pytorch_tanh"),
+                   help="a different activation for GPT2LMHeadModel (default: --activation); gelu_pytorch_tanh: "
+                        "the same tanh GELU as gelu_new in torch's one kernel instead of Python ops")
     p.add_argument("--iters", type=int, default=50, help="timed train steps per model")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per model first")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
