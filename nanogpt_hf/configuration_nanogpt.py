@@ -16,7 +16,7 @@ POSITION_EMBEDDINGS = ("learned", "alibi", "rope")
 @strict
 class NanoGPTConfig(PreTrainedConfig):
     model_type = "nanogpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache, under both its names
     # HF-generic names -> nanoGPT names; generate() builds its cache from num_hidden_layers etc.
     attribute_map = {
         "num_hidden_layers": "n_layer",

@@ -26,6 +26,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_nanogpt import NanoGPTConfig
 
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, both as the argument generate() passes to
+# forward and as the field of model outputs. Ask this install's own output class which name it uses, so that we
+# return the field it reads (the old name logs a deprecation warning on 5.24) on every version in our range.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # dense bf16 peak FLOP/s from the vendors' data sheets, matched against torch.cuda.get_device_name();
 # more specific names first ("H100 PCIe" before "H100")
 PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
@@ -122,7 +127,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_proj = True  # scaled init, see _init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_bias, rope, past_key_values):
+    def forward(self, x, attn_bias, rope, cache, output_attentions=False):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -131,15 +136,18 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope  # (B, 1, T, hs) each
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs): cached + new
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs): cached + new
         dropout_p = self.dropout if self.training else 0.0
         # attn_bias None means plain causal attention over the whole sequence: the fast (flash) kernel
         is_causal = attn_bias is None and T > 1
-        if self.config._attn_implementation == "eager":
+        att = None
+        # the attention weights exist only in the eager (explicit softmax) path, so asking for them takes it
+        if self.config._attn_implementation == "eager" or output_attentions:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if is_causal:
-                att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+                # top-left aligned like sdpa's is_causal (only taken without a past, see _attention_bias)
+                att = att.masked_fill(torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             elif attn_bias is not None:
                 att = att + attn_bias
             att = F.dropout(F.softmax(att, dim=-1), dropout_p, self.training)
@@ -147,7 +155,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), att
 
 
 class MLP(nn.Module):
@@ -174,14 +182,22 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_bias=None, rope=None, past_key_values=None):
-        x = x + self.attn(self.ln_1(x), attn_bias, rope, past_key_values)
+    def forward(self, x, attn_bias=None, rope=None, cache=None, output_attentions=False):
+        y, att = self.attn(self.ln_1(x), attn_bias, rope, cache, output_attentions)
+        x = x + y
         x = x + self.mlp(self.ln_2(x))
-        return x
+        return x, att  # att: (B, nh, T, S) attention weights, or None unless asked for
 
 
 # -----------------------------------------------------------------------------
 # the HF models
+
+def _one_cache(cache, past_key_values):
+    """The KV cache under either of its names: `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+    if cache is not None and past_key_values is not None:
+        raise TypeError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
+
 
 class NanoGPTPreTrainedModel(PreTrainedModel):
     config_class = NanoGPTConfig
@@ -190,6 +206,12 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]  # causal-mask buffers of old nanoGPT checkpoints
+
+    @classmethod
+    def _can_set_attn_implementation(cls):
+        # transformers guesses this from the source (it looks for its AttentionInterface); ours reads
+        # config._attn_implementation at every call, so set_attn_implementation("eager" | "sdpa") takes effect
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -228,18 +250,28 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                past_key_values=None):
+        """cache: a transformers Cache (past_key_values is its name before transformers 5.24). output_hidden_states:
+        n_layer + 1 states as GPT-2 gives them (the embeddings, each block's input, and the last one after ln_f)."""
+        cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T = x.shape[:2]
         if use_cache is None:  # a cache only helps generation; in training it would just hold on to k, v
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            use_cache = cfg.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        past_len = int(cache.get_seq_length()) if cache is not None else 0  # a static cache keeps it in a tensor
         S = past_len + T  # keys/values the new tokens attend to
+        # a static (fixed-size) cache hands attention all its max_cache_len slots; the mask hides the unused tail
+        K = cache.layers[0].max_cache_len if cache is not None and cache.is_compileable else S
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # left padding: real tokens start at position 0, exactly as without padding
@@ -247,23 +279,33 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, S, device=x.device).unsqueeze(0)  # (1, T)
 
-        pe = self.config.position_embedding
+        pe = cfg.position_embedding
         if pe == "learned":
-            if S > self.config.block_size:
+            if S > cfg.block_size:
                 raise ValueError(
-                    f"sequence length {S} exceeds block_size {self.config.block_size}, the length of this model's "
+                    f"sequence length {S} exceeds block_size {cfg.block_size}, the length of this model's "
                     "learned position table: crop the input to the last block_size tokens "
                     "(or train with position_embedding='alibi' or 'rope', which extrapolate)"
                 )
             x = x + self.wpe(position_ids)
         rope = self._rope(position_ids, x.dtype) if pe == "rope" else None
-        attn_bias = self._attention_bias(attention_mask, T, past_len, x.dtype, x.device)
+        attn_bias = self._attention_bias(attention_mask, T, past_len, K, x.dtype, x.device)
 
         x = self.drop(x)
+        hidden_states = () if output_hidden_states else None
+        attentions = () if output_attentions else None
         for block in self.h:
-            x = block(x, attn_bias=attn_bias, rope=rope, past_key_values=past_key_values)
+            if output_hidden_states:
+                hidden_states += (x,)
+            x, att = block(x, attn_bias=attn_bias, rope=rope, cache=cache, output_attentions=output_attentions)
+            if output_attentions:
+                attentions += (att,)
         x = self.ln_f(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+        if output_hidden_states:
+            hidden_states += (x,)
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states, attentions=attentions,
+                                      **{CACHE_NAME: cache if use_cache else None})
+        return out if return_dict else out.to_tuple()
 
     def _rope(self, position_ids, dtype):
         """cos/sin tables for rotary embeddings at the given positions, computed on the fly (no stale buffers)."""
@@ -273,10 +315,11 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hs)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _attention_bias(self, attention_mask, T, past_len, dtype, device):
-        """Additive attention bias (B|1, nh|1, T, S), or None for plain causal attention (the flash path).
+    def _attention_bias(self, attention_mask, T, past_len, K, dtype, device):
+        """Additive attention bias (B|1, nh|1, T, K) over K keys, or None for plain causal attention (the flash path).
 
-        Needed for ALiBi, for padding (attention_mask with zeros) and for several new tokens after a cache.
+        Needed for ALiBi, for padding (attention_mask with zeros), for several new tokens after a cache, and for a
+        static cache (K > past_len + T: its unused slots must be masked).
         """
         S = past_len + T
         alibi = self.config.position_embedding == "alibi"
@@ -284,18 +327,19 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
         else:
             padded = attention_mask is not None and not bool(attention_mask[:, :S].all())
-            if not (alibi or padded or (past_len > 0 and T > 1)):
+            if not (alibi or padded or (past_len > 0 and T > 1) or K > S):
                 return None  # no mask at all needed (T == 1 after a cache attends to everything)
             q_pos = torch.arange(past_len, S, device=device)
-            k_pos = torch.arange(S, device=device)
-            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S) causal
-            if padded:
-                allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+            k_pos = torch.arange(K, device=device)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
+            if padded:  # keys past S are masked by causality already
+                allowed = allowed & F.pad(attention_mask[:, :S].bool(), (0, K - S))[:, None, None, :]  # (B, 1, T, K)
         bias = torch.zeros(allowed.shape, device=device)
         if alibi:
+            K = allowed.shape[-1]
             q_pos = torch.arange(S - allowed.shape[-2], S, device=device)
-            distance = (q_pos[:, None] - torch.arange(S, device=device)[None, :]).clamp(min=0)  # (T, S)
-            bias = bias - alibi_slopes(self.config.n_head).to(device)[None, :, None, None] * distance  # (.., nh, T, S)
+            distance = (q_pos[:, None] - torch.arange(K, device=device)[None, :]).clamp(min=0)  # (T, K)
+            bias = bias - alibi_slopes(self.config.n_head).to(device)[None, :, None, None] * distance  # (.., nh, T, K)
         # the dtype's min rather than -inf: fully masked rows (left-pad queries) give uniform weights, not NaN
         return bias.masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
 
@@ -315,12 +359,19 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
-                use_cache=None, inputs_embeds=None, logits_to_keep=0, shift_labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                logits_to_keep=0, shift_labels=None, past_key_values=None):
         """labels: like input_ids (shifted inside, -100 ignored). shift_labels: targets already shifted (nanoGPT's
-        (x, y) batches), so no position is wasted. logits_to_keep=k: logits of the last k positions only."""
+        (x, y) batches), so no position is wasted. logits_to_keep=k: logits of the last k positions only.
+
+        No **kwargs on purpose: an argument this model does not know (e.g. the next rename in transformers) is a
+        TypeError, not silently dropped. The cache is taken under both its names (`cache` since transformers 5.24)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+                               cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=True)
         x = out.last_hidden_state  # (B, T, C)
         loss = None
         if labels is not None or shift_labels is not None:
@@ -333,7 +384,16 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             # inference-time mini-optimization (nanoGPT): only forward the lm_head on the positions asked for
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(x[:, keep, :])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions, **{CACHE_NAME: getattr(out, CACHE_NAME)})
+        return result if return_dict else result.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        # (inputs_embeds named: generate() looks for it in this signature)
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        # transformers < 5.24 also passes cache_position; positions here come from the cache's length instead
+        inputs.pop("cache_position", None)
+        return inputs
 
     # -------------------------------------------------------------------------
     # nanoGPT's helpers
