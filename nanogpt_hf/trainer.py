@@ -388,12 +388,16 @@ def train(cfg: TrainConfig) -> dict:
     master = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        # e.g. `accelerate launch --config_file accelerate_configs/fsdp.yaml` without GPUs: each of the N processes
-        # falls back to a single-process run, and all N would train the same thing and write the same out_dir
-        raise ValueError(f"launched as {launched} processes but Accelerate set up {world} "
-                         f"({accelerator.distributed_type.value}): FSDP, DeepSpeed and multi-GPU configs need GPUs; "
-                         "on CPU use --config_file accelerate_configs/cpu.yaml or torchrun")
+    # what `accelerate launch --config_file` asked for (it exports these to every process)
+    wants = next((kind for kind in ("FSDP", "DEEPSPEED")
+                  if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() in ("1", "true")), None)
+    if launched != world or (wants and accelerator.distributed_type.name != wants):
+        # e.g. `accelerate launch --config_file accelerate_configs/fsdp.yaml` without GPUs: accelerate >= 1.13 sets
+        # each of the N processes up alone (all N would train the same thing and write the same out_dir); older
+        # ones run plain CPU DDP, silently without FSDP
+        raise ValueError(f"launched as {launched} processes{' with ' + wants if wants else ''} but Accelerate set up "
+                         f"{world} ({accelerator.distributed_type.value}): FSDP, DeepSpeed and multi-GPU configs need "
+                         "GPUs; on CPU use --config_file accelerate_configs/cpu.yaml or torchrun")
     print0 = tqdm.write if master else (lambda *a, **k: None)
     out_dir, accum = Path(cfg.out_dir), cfg.gradient_accumulation_steps
     set_seed(cfg.seed, device_specific=True)  # seed + rank: each rank its own dropout (DDP broadcasts rank 0's weights)
