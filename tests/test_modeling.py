@@ -428,7 +428,8 @@ REMOTE_CHILD = textwrap.dedent("""
     # prove the package is not importable here (editable installs add a finder to sys.meta_path)
     sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
                      and "nanogpt" not in repr(f).lower()]
-    sys.path = [p for p in sys.path if p and "nanogpt" not in p.lower() and p not in ("{repo}",)]
+    # (only the checkout itself: a virtual environment may live inside it or in a folder named after it)
+    sys.path = [p for p in sys.path if p and p.rstrip("/") != "{repo}"]
     assert importlib.util.find_spec("nanogpt_hf") is None, "nanogpt_hf should not be importable"
     import torch
     from transformers import AutoModelForCausalLM
