@@ -7,18 +7,26 @@ Benchmarks (nanoGPT's bench.py, plus the comparisons of the README's Performance
     python examples/bench.py --what generate --gen_shape gpt2 --gen_tokens 255   # at 124M (slow on CPU)
     python examples/bench.py --what data --data_dir data/shakespeare_char
     python examples/bench.py --preset gpt2 --device cuda --dtype bfloat16 --compile --profile prof/
+    python examples/bench.py --what time_to_loss            # AdamW vs Muon to val loss 1.88, shakespeare_char CPU run
+    python examples/bench.py --what time_to_loss --runs examples/configs/shakespeare_char_cpu.yaml \
+        "examples/configs/shakespeare_char_cpu_muon.yaml --muon_learning_rate 0.05"   # any configs, any overrides
 
 --what train: one training step (forward, backward, AdamW) of each model, alternating, median ms/iter,
 tokens/s, MFU (against the device's bf16 peak; n/a on CPU), peak memory and minor page faults per step (fresh
 memory from the OS). --what generate: greedy
 generation of --gen_tokens tokens from a 1-token prompt at batch 1 and 8. --what data: the cost of sampling a
 batch (TokenShards.get_batch) as a share of a train step; without --data_dir a small char dataset is prepared
-in a temp folder from --text or from Python's standard library. Timings on a busy machine are noisy: use
---iters, and compare only numbers from the same run.
+in a temp folder from --text or from Python's standard library. --what time_to_loss: trains each of --runs
+(a train.py config and its flags, one quoted string per run) with the trainer's recipe, on the same data and
+seed, their iterations alternating in one process, and prints the iterations and seconds (training steps only)
+each took to bring nanoGPT's val loss estimate (train.py's "val loss") to --target_loss, the exact loss over the
+whole val split there, and the ratios to the first run. Timings on a busy machine are noisy: use --iters, and
+compare only numbers from the same run.
 """
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -28,16 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 import transformers
 
-from nanogpt_hf.benchmark import PRESETS, Shape, bench_data, bench_generate, bench_train, describe_machine, \
-    format_data, format_generate, format_train, prepare_bench_data
+from nanogpt_hf.benchmark import PRESETS, TARGET_LOSS, TIME_TO_LOSS_GOAL, Shape, bench_data, bench_generate, \
+    bench_time_to_loss, bench_train, describe_machine, format_data, format_generate, format_time_to_loss, \
+    format_train, prepare_bench_data
 from nanogpt_hf.evaluation import autocast_dtype, default_device
+from nanogpt_hf.train_config import parse_config
 
-WHAT = ("train", "generate", "data")
+WHAT = ("train", "generate", "data", "time_to_loss")
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = [str(ROOT / "examples/configs" / name)  # --what time_to_loss: AdamW (the baseline), then Muon
+        for name in ("shakespeare_char_cpu.yaml", "shakespeare_char_cpu_muon.yaml")]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="train,generate,data", help="comma-separated: train, generate, data")
+    p.add_argument("--what", default="train,generate,data",
+                   help="comma-separated: train, generate, data, time_to_loss (minutes: not in the default)")
     p.add_argument("--preset", default="baby", choices=[*PRESETS, "custom"], help="shape of the train benchmark")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value (required with --preset custom)")
@@ -62,11 +76,20 @@ def parse_args(argv=None):
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generate calls with the cache (median)")
     p.add_argument("--gen_nocache_repeats", type=int, default=1,
                    help="timed calls without the cache (slow: batch 8 at 255 tokens takes minutes on a CPU)")
-    p.add_argument("--data_dir", help="a prepared dataset for --what data (default: a temporary char dataset)")
+    p.add_argument("--data_dir", help="a prepared dataset for --what data (default: a temporary char dataset) and "
+                                      "for every run of --what time_to_loss (default: the configs' data_dir)")
     p.add_argument("--text", help="text file for the temporary dataset (default: Python's standard library)")
     p.add_argument("--data_iters", type=int, default=1000, help="get_batch calls to average")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; on a busy machine fewer threads than "
                                                "cores avoids thrashing)")
+    p.add_argument("--runs", nargs="+", default=RUNS, metavar="'CONFIG.yaml [--key value ...]'",
+                   help="--what time_to_loss: the runs to compare, the first is the baseline (default: "
+                        "shakespeare_char_cpu.yaml, AdamW, and shakespeare_char_cpu_muon.yaml)")
+    p.add_argument("--target_loss", type=float, default=TARGET_LOSS, help="--what time_to_loss: the val loss to reach")
+    p.add_argument("--check_every", type=int, default=25, help="--what time_to_loss: estimate the val loss every "
+                                                               "this many iterations")
+    p.add_argument("--no_full_eval", action="store_true",
+                   help="--what time_to_loss: skip the exact val loss (a pass over the whole split) at the target")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", metavar="FILE", help="also write all results to FILE")
     return p.parse_args(argv)
@@ -82,6 +105,22 @@ def make_shape(preset, args):
     if values["n_embd"] % values["n_head"]:
         raise ValueError(f"--n_embd {values['n_embd']} must be divisible by --n_head {values['n_head']}")
     return Shape(**values)
+
+
+def time_to_loss_runs(args):
+    """--runs -> {label: TrainConfig}: each string is parsed as train.py's arguments; labels are the optimizers'
+    names (numbered when they repeat)."""
+    if args.check_every < 1:
+        raise ValueError("--check_every must be >= 1")
+    runs = {}
+    for spec in args.runs:
+        argv = shlex.split(spec) + (["--data_dir", args.data_dir] if args.data_dir else [])
+        cfg = parse_config(argv)
+        same = sum(c.optimizer == cfg.optimizer for c in runs.values())
+        label = cfg.optimizer if not same else f"{cfg.optimizer}_{same + 1}"
+        print(f"run {label}: {spec}")
+        runs[label] = cfg
+    return runs
 
 
 def main(argv=None):
@@ -100,6 +139,7 @@ def main(argv=None):
         batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",")]
         if args.text is not None and not Path(args.text).is_file():
             raise FileNotFoundError(f"--text {args.text}: no such file")
+        runs = time_to_loss_runs(args) if "time_to_loss" in what else None
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
@@ -138,6 +178,17 @@ def main(argv=None):
                 sys.exit(f"error: {e}")
         results["data"] = r
         print(format_data(r))
+    if "time_to_loss" in what:
+        ttl_device = args.device or ("cpu" if any(cfg.cpu for cfg in runs.values()) else device)
+        try:
+            r = bench_time_to_loss(runs, target=args.target_loss, check_every=args.check_every, device=ttl_device,
+                                   full_eval=not args.no_full_eval,
+                                   log=lambda line: print(line, flush=True))
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
+        results["time_to_loss"] = r
+        adamw_baseline = next(iter(runs.values())).optimizer == "adamw"
+        print(format_time_to_loss(r, goal=TIME_TO_LOSS_GOAL if adamw_baseline else None))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"results written to {args.json}")

@@ -5,6 +5,7 @@ can run them too.
     from nanogpt_hf.benchmark import PRESETS, Shape, bench_train, bench_generate, bench_data
     res = bench_train(Shape(**PRESETS["baby"]), device="cpu", iters=50)     # nanogpt_hf vs GPT2LMHeadModel
     print(format_train(res))
+    res = bench_time_to_loss({"adamw": cfg_a, "muon": cfg_b})               # TrainConfigs, side by side
 
 Fairness rules (every model gets the same treatment):
 - one fixed batch of random tokens (torch.manual_seed), the same torch.optim.AdamW (fused where supported,
@@ -13,6 +14,9 @@ Fairness rules (every model gets the same treatment):
   which shrug off the odd slow step on a shared machine;
 - nanogpt_hf runs nanoGPT's train.py defaults (bias=False, dropout=0) unless bias=True; GPT2LMHeadModel of
   the same shape (layers, heads, width, block, vocab, dropouts 0) always has biases: the output says so.
+- time to loss: each config trains with the trainer's own recipe (build_model, build_optimizer, get_lr, the
+  batches of TokenShards) on the same data and seed; the runs' iterations alternate in one process and only
+  the training steps are timed.
 """
 
 import importlib.util
@@ -25,11 +29,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .configuration_nanogpt import NanoGPTConfig
-from .evaluation import autocast
+from .data import TokenShards
+from .evaluation import autocast, evaluate_loss
 from .modeling_nanogpt import NanoGPTForCausalLM, fused_adamw_available
+from .optim import build_optimizer, lr_scales, set_lr
+from .trainer import build_model, estimate_loss, get_batch_size, get_lr
 
 PRESETS = {
     # nanoGPT README's CPU ("macbook") run of shakespeare_char
@@ -43,6 +52,8 @@ TRAIN_TARGET = 1.30  # nanogpt_hf step must be >= 1.3x faster than GPT2LMHeadMod
 CACHE_TARGET = 4.0  # generate with the KV cache >= 4x faster than without
 GPT2_GEN_TARGET = 1.0  # and not slower than GPT2LMHeadModel.generate with its cache
 DATA_TARGET = 0.02  # get_batch < 2% of a train step
+TARGET_LOSS = 1.88  # time_to_loss: nanoGPT's val loss of its CPU baby run
+TIME_TO_LOSS_GOAL = 0.70  # Muon reaches TARGET_LOSS in <= 0.7x the wall time of our tuned AdamW (issue 18)
 REFERENCE_PATH = Path(__file__).resolve().parent.parent / "tests" / "reference_nanogpt.py"
 OURS, GPT2, REF = "nanogpt_hf", "GPT2LMHeadModel", "plain PyTorch"
 
@@ -362,6 +373,127 @@ def format_data(r):
             f"{r['step_ms']:.1f} ms | {100 * r['fraction']:.2f}% of a step (target < {100 * DATA_TARGET:.0f}%)")
 
 
+# -----------------------------------------------------------------------------
+# time to a target val loss: optimizers (or any two configs) side by side
+
+
+class TimedRun:
+    """One training run of the trainer's recipe (its batches, schedule, optimizer and clipping) on one process,
+    stepped from outside, so that several can take turns in one process."""
+
+    def __init__(self, label, cfg, device):
+        self.label, self.cfg, self.device = label, cfg, device
+        self.train_data, self.val_data = TokenShards(cfg.data_dir, "train"), TokenShards(cfg.data_dir, "val")
+        set_seed(cfg.seed)  # as train() does: the same seed gives the same initial weights
+        self.model = build_model(cfg, self.train_data, log=lambda *a: None).to(device).train()
+        self.optimizer = build_optimizer(self.model, cfg, torch.device(device).type, verbose=False)
+        self.scales = lr_scales(self.optimizer, cfg)
+        self.it, self.seconds, self.step_ms, self.curve, self.reached = 0, 0.0, [], [], None
+
+    def step(self):
+        """One iteration as in train(): lr, forward/backward over the micro-steps, clip, update. Timed."""
+        cfg, it, accum = self.cfg, self.it, self.cfg.gradient_accumulation_steps
+        _sync(self.device)
+        t0 = time.perf_counter()
+        set_lr(self.optimizer, get_lr(it, cfg), self.scales)
+        for micro_step in range(accum):
+            x, y = self.train_data.get_batch(get_batch_size(it, cfg), cfg.block_size, it, seed=cfg.seed,
+                                             rank=micro_step, world_size=accum, device=self.device)
+            (self.model(x, shift_labels=y).loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        self.it, self.seconds = it + 1, self.seconds + dt
+        self.step_ms.append(dt * 1e3)
+
+    def check(self, accelerator, target, full_eval):
+        """train.py's val loss estimate (cfg.eval_iters batches, the same every time); at the first one <= target,
+        record where and when, and (full_eval) the exact loss over every val token."""
+        val = estimate_loss(self.model, {"val": self.val_data}, self.cfg, accelerator)["val"]
+        self.curve.append(dict(iter=self.it, val_loss=val, seconds=self.seconds))
+        if val <= target and self.reached is None:
+            exact = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.cfg.block_size, full=True,
+                                  progress=False)["loss"] if full_eval else None
+            # seconds: iterations x the median step, which a burst of load from other processes can't inflate
+            # (the plain sum of the step times is kept too)
+            ms = statistics.median(self.step_ms)
+            self.reached = dict(iter=self.it, seconds=self.it * ms / 1e3, seconds_sum=self.seconds, ms_per_iter=ms,
+                                val_loss=val, exact_val_loss=exact)
+
+
+def bench_time_to_loss(configs, target=TARGET_LOSS, check_every=25, device="cpu", full_eval=True, log=None):
+    """{label: TrainConfig} -> iterations and seconds of training steps until the val loss estimate first reaches
+    target, for each config, the first being the baseline of the ratios. log(line) is told when one gets there.
+
+    Fair by construction: one process, the runs' iterations take turns (the order rotating, as in
+    time_alternating), every run on the same data and seed; only the training steps are timed (evaluation every
+    check_every iterations is not). A run that reached the target keeps training (those steps don't count) until
+    the last one reaches it or its max_iters, so that the machine's load stays the same for the runs still going."""
+    cfgs = list(configs.values())
+    if len({(c.data_dir, c.seed) for c in cfgs}) > 1:
+        raise ValueError("the runs must share data_dir and seed, so that they differ only in what is compared")
+    accelerator = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="no")  # for estimate_loss
+    runs = [TimedRun(label, cfg, device) for label, cfg in configs.items()]
+    for run in runs:
+        run.check(accelerator, target, full_eval)
+    rounds = 0
+    while any(r.reached is None and r.it < r.cfg.max_iters for r in runs):
+        for run in runs[rounds % len(runs):] + runs[:rounds % len(runs)]:
+            if run.it < run.cfg.max_iters:
+                run.step()
+                if run.reached is None and (run.it % check_every == 0 or run.it == run.cfg.max_iters):
+                    run.check(accelerator, target, full_eval)
+                    if run.reached is not None and log is not None:
+                        log(f"{run.label}: val loss {run.reached['val_loss']:.4f} at iter {run.it}")
+        rounds += 1
+    base = runs[0].reached
+    result = dict(target=target, check_every=check_every, device=str(device), eval_iters=cfgs[0].eval_iters,
+                  data_dir=str(cfgs[0].data_dir), seed=cfgs[0].seed, runs={})
+    for run in runs:
+        r = dict(config=run.cfg.to_dict(), reached=run.reached, curve=run.curve, iters_run=run.it,
+                 best_val_loss=min(c["val_loss"] for c in run.curve))
+        if base is not None and run.reached is not None:
+            r["ratio_iters"] = run.reached["iter"] / base["iter"]
+            r["ratio_seconds"] = run.reached["seconds"] / base["seconds"]
+            r["ratio_seconds_sum"] = run.reached["seconds_sum"] / base["seconds_sum"]
+        result["runs"][run.label] = r
+    return result
+
+
+def format_time_to_loss(r, goal=None):
+    """The table; goal: the wall-time ratio Muon runs should reach against an AdamW baseline."""
+    runs = r["runs"]
+    cfg = next(iter(runs.values()))["config"]
+    out = [f"time to val loss <= {r['target']}: nanoGPT's estimate ({r['eval_iters']} val batches of "
+           f"{cfg['batch_size']} x {cfg['block_size']}, the same every time: train.py's 'val loss'), checked every "
+           f"{r['check_every']} iterations; the runs' steps alternate in one process; data {r['data_dir']}, seed "
+           f"{r['seed']}, device {r['device']}",
+           f"  {'run':10s} {'optimizer':9s} {'lr':>7s} {'muon lr':>7s} {'iters':>6s} {'ms/iter':>8s} {'seconds':>8s} "
+           f"{'(sum)':>7s}  val loss there (estimate / exact)"]
+    for label, v in runs.items():
+        c, hit = v["config"], v["reached"]
+        muon_lr = f"{c['muon_learning_rate']:.3g}" if c["optimizer"] == "muon" else "-"
+        head = f"  {label:10s} {c['optimizer']:9s} {c['learning_rate']:7.3g} {muon_lr:>7s}"
+        if hit is None:
+            out.append(f"{head} not reached in {v['iters_run']} iterations (best val loss {v['best_val_loss']:.4f})")
+            continue
+        exact = f"{hit['exact_val_loss']:.4f}" if hit["exact_val_loss"] is not None else "-"
+        out.append(f"{head} {hit['iter']:6d} {hit['ms_per_iter']:8.1f} {hit['seconds']:8.1f} {hit['seconds_sum']:7.1f}"
+                   f"  {hit['val_loss']:.4f} / {exact}")
+    base_label, base = next(iter(runs.items()))
+    for label, v in list(runs.items())[1:]:
+        if "ratio_seconds" in v:
+            tail = f" (goal <= {goal:.2f}x)" if goal and v["config"]["optimizer"] == "muon" else ""
+            out.append(f"  {label} vs {base_label}: {v['ratio_iters']:.2f}x the iterations, {v['ratio_seconds']:.2f}x "
+                       f"the wall time{tail} (sums of the step times: {v['ratio_seconds_sum']:.2f}x)")
+    out.append("  (seconds = iterations x the median ms/iter of the training steps, evaluation excluded; (sum) = the "
+               "plain sum of the step times, which bursts of load from other processes inflate; exact = the loss "
+               "over every val token at that iteration)")
+    return "\n".join(out)
+
+
 def describe_machine(device):
     """One line for the README's Performance table: the device, threads, torch version."""
     if torch.device(device).type == "cuda":
@@ -375,4 +507,5 @@ def describe_machine(device):
 
 
 __all__ = ["PRESETS", "Shape", "bench_train", "bench_generate", "bench_data", "prepare_bench_data", "format_train",
-           "format_generate", "format_data", "describe_machine", "build_models", "time_alternating"]
+           "format_generate", "format_data", "describe_machine", "build_models", "time_alternating",
+           "bench_time_to_loss", "format_time_to_loss", "TimedRun"]

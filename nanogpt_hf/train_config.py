@@ -36,6 +36,7 @@ CHOICES = {
     "nan_policy": ("stop", "skip"),
     "position_embedding": POSITION_EMBEDDINGS,
     "activation_function": ("gelu_new", "gelu"),
+    "optimizer": ("adamw", "muon"),
 }
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position_embedding", "activation_function",
                 "vocab_multiple")
@@ -68,13 +69,17 @@ class TrainConfig:
     position_embedding: str = "learned"  # 'learned' (GPT-2) | 'alibi' | 'rope'
     activation_function: str = "gelu_new"  # GPT-2's tanh GELU | 'gelu': nanoGPT's exact one (faster on CPU)
     vocab_multiple: int = 1  # round the model's vocab_size up to a multiple of this (64: GPT-2's 50257 -> 50304)
-    # AdamW optimizer
-    learning_rate: float = 6e-4  # max learning rate
+    # optimizer
+    optimizer: str = "adamw"  # 'adamw' (nanoGPT) | 'muon': torch.optim.Muon for the blocks' matrices, AdamW the rest
+    learning_rate: float = 6e-4  # max learning rate (AdamW's; with --optimizer muon, of the embeddings, norms, biases)
     max_iters: int = 600000  # total number of training iterations
     weight_decay: float = 1e-1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip gradients at this norm, or 0 for no clipping
+    muon_learning_rate: float = 0.02  # --optimizer muon: Muon's max lr, on learning_rate's schedule scaled to it
+    muon_momentum: float = 0.95  # --optimizer muon: Muon's (Nesterov) momentum
+    muon_weight_decay: float = 0.0  # --optimizer muon: Muon's decoupled weight decay (the speedrun's: 0)
     # learning rate schedule
     decay_lr: bool = True  # warmup + cosine decay; False: constant learning_rate
     warmup_iters: int = 2000  # how many steps to warm up for
@@ -113,17 +118,19 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "batch_size_warmup_iters", "push_interval",
-                    "sample_at_end", "weight_decay", "grad_clip", "min_lr"):
+                    "sample_at_end", "weight_decay", "grad_clip", "min_lr", "muon_weight_decay"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"--beta1 and --beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.muon_momentum < 1):
+            raise ValueError(f"--beta1, --beta2 and --muon_momentum must be in [0, 1), got {self.beta1}, "
+                             f"{self.beta2} and {self.muon_momentum}")
+        for key in ("learning_rate", "muon_learning_rate"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"--{key} must be > 0, got {getattr(self, key)}")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             raise ValueError(f"--warmup_iters ({self.warmup_iters}) must be <= --lr_decay_iters "
                              f"({self.lr_decay_iters})")

@@ -5,6 +5,7 @@ The training loop: nanoGPT's train.py on Accelerate, as one function you can rea
     accelerate launch examples/train.py examples/configs/shakespeare_char.yaml          # GPU
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/train.py examples/configs/train_gpt2.yaml
     torchrun --nproc_per_node 2 examples/train.py examples/configs/shakespeare_char_cpu.yaml   # DDP on CPU (gloo)
+    python examples/train.py examples/configs/shakespeare_char_cpu_muon.yaml            # Muon + AdamW, see optim.py
 
     from nanogpt_hf.train_config import TrainConfig
     from nanogpt_hf.trainer import train
@@ -47,6 +48,7 @@ from . import __version__
 from .configuration_nanogpt import NanoGPTConfig
 from .data import TokenShards
 from .modeling_nanogpt import NanoGPTForCausalLM
+from .optim import build_optimizer, lr_scales, set_lr
 from .train_config import ARCHITECTURE, TrainConfig
 
 EVAL_MICRO_STEP = 1  # training draws its batches with micro_step 0, evaluation from this separate stream
@@ -127,10 +129,13 @@ def build_model(cfg, data, resume_dir=None, log=print):
 
 
 def check_resumable(state, cfg, data, ckpt_dir):
-    """Refuse to resume into a different model: the architecture and the data's vocab must match."""
+    """Refuse to resume into a different model: the architecture, the optimizer and the data's vocab must match."""
     saved = state["config"]
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r} (now)" for k in ARCHITECTURE
              if saved.get(k) != getattr(cfg, k)]
+    # a checkpoint's optimizer state loads only into the same optimizer (checkpoints from before Muon: AdamW)
+    if saved.get("optimizer", "adamw") != cfg.optimizer:
+        diffs.append(f"optimizer {saved.get('optimizer', 'adamw')!r} (checkpoint) vs {cfg.optimizer!r} (now)")
     if state["data_vocab_size"] != data.vocab_size:
         diffs.append(f"the data's vocab_size {state['data_vocab_size']} (checkpoint) vs {data.vocab_size} "
                      f"(now, {cfg.data_dir})")
@@ -459,8 +464,11 @@ def train(cfg: TrainConfig) -> dict:
 
     # -------------------------------------------------------------------------
     # optimizer, and everything through accelerator.prepare (DDP / FSDP / DeepSpeed wrapping, device, autocast)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           accelerator.device.type, verbose=master)
+    if cfg.optimizer == "muon" and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("--optimizer muon does not work with DeepSpeed, whose ZeRO hands the optimizer flat 1-D "
+                         "partitions instead of the weight matrices that Muon orthogonalizes: use DDP (multi_gpu.yaml)")
+    optimizer = build_optimizer(model, cfg, accelerator.device.type, verbose=master)
+    scales = lr_scales(optimizer, cfg)  # each param group's peak lr / learning_rate, from this run's config
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants a micro-batch size; we have no DataLoader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -538,8 +546,7 @@ def train(cfg: TrainConfig) -> dict:
         # one iteration: forward/backward over the micro-steps (gradients synced on the last), one update
         t0 = time.time()
         lr = get_lr(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr, scales)  # every param group on the one schedule, scaled to its own peak
         B = get_batch_size(it, cfg)
         loss_sum, batches = torch.zeros((), device=accelerator.device), []
         for micro_step in range(accum):
