@@ -416,11 +416,7 @@ class TimedRun:
         if val <= target and self.reached is None:
             exact = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.cfg.block_size, full=True,
                                   progress=False)["loss"] if full_eval else None
-            # seconds: iterations x the median step, which a burst of load from other processes can't inflate
-            # (the plain sum of the step times is kept too)
-            ms = statistics.median(self.step_ms)
-            self.reached = dict(iter=self.it, seconds=self.it * ms / 1e3, seconds_sum=self.seconds, ms_per_iter=ms,
-                                val_loss=val, exact_val_loss=exact)
+            self.reached = dict(iter=self.it, seconds_sum=self.seconds, val_loss=val, exact_val_loss=exact)
 
 
 def bench_time_to_loss(configs, target=TARGET_LOSS, check_every=25, device="cpu", full_eval=True, log=None):
@@ -430,7 +426,8 @@ def bench_time_to_loss(configs, target=TARGET_LOSS, check_every=25, device="cpu"
     Fair by construction: one process, the runs' iterations take turns (the order rotating, as in
     time_alternating), every run on the same data and seed; only the training steps are timed (evaluation every
     check_every iterations is not). A run that reached the target keeps training (those steps don't count) until
-    the last one reaches it or its max_iters, so that the machine's load stays the same for the runs still going."""
+    the last one reaches it or its max_iters, so that the load stays the same for the runs still going, and the
+    step times are compared over the rounds that all runs took part in."""
     cfgs = list(configs.values())
     if len({(c.data_dir, c.seed) for c in cfgs}) > 1:
         raise ValueError("the runs must share data_dir and seed, so that they differ only in what is compared")
@@ -448,6 +445,14 @@ def bench_time_to_loss(configs, target=TARGET_LOSS, check_every=25, device="cpu"
                     if run.reached is not None and log is not None:
                         log(f"{run.label}: val loss {run.reached['val_loss']:.4f} at iter {run.it}")
         rounds += 1
+    # seconds to the target = iterations x the median step time over the rounds in which every run took a step:
+    # the same stretch of time for all, so bursts of load from other processes can't favour one run (the plain
+    # sums of the step times, which such bursts inflate, are kept too)
+    common = min(len(r.step_ms) for r in runs)
+    for run in runs:
+        if run.reached is not None:
+            ms = statistics.median(run.step_ms[:common])
+            run.reached.update(ms_per_iter=ms, seconds=run.reached["iter"] * ms / 1e3)
     base = runs[0].reached
     result = dict(target=target, check_every=check_every, device=str(device), eval_iters=cfgs[0].eval_iters,
                   data_dir=str(cfgs[0].data_dir), seed=cfgs[0].seed, runs={})
@@ -488,9 +493,9 @@ def format_time_to_loss(r, goal=None):
             tail = f" (goal <= {goal:.2f}x)" if goal and v["config"]["optimizer"] == "muon" else ""
             out.append(f"  {label} vs {base_label}: {v['ratio_iters']:.2f}x the iterations, {v['ratio_seconds']:.2f}x "
                        f"the wall time{tail} (sums of the step times: {v['ratio_seconds_sum']:.2f}x)")
-    out.append("  (seconds = iterations x the median ms/iter of the training steps, evaluation excluded; (sum) = the "
-               "plain sum of the step times, which bursts of load from other processes inflate; exact = the loss "
-               "over every val token at that iteration)")
+    out.append("  (seconds = iterations x ms/iter, the median training step over the rounds all runs took part in, "
+               "evaluation excluded; (sum) = the plain sum of the step times, which bursts of load from other "
+               "processes inflate; exact = the loss over every val token at that iteration)")
     return "\n".join(out)
 
 

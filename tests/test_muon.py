@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from accelerate.state import AcceleratorState
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.optim import CombinedOptimizer, build_optimizer, lr_scales, set_lr, split_params
 from nanogpt_hf.trainer import CHECKPOINT_SLEEP_ENV, find_checkpoint, get_lr, train
-from test_trainer import ROOT, final_weights, fresh_accelerate_state, read_dump, tiny_args, tiny_cfg  # noqa: F401
+from test_trainer import ROOT, final_weights, read_dump, tiny_args, tiny_cfg
+from test_trainer import fresh_accelerate_state  # noqa: F401 (autouse: a fresh Accelerate state per test)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
