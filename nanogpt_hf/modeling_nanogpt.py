@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -148,7 +148,8 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if is_causal:
                 # top-left aligned like sdpa's is_causal (only taken without a past, see _attention_bias)
-                att = att.masked_fill(torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+                future = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).triu(1)
+                att = att.masked_fill(future, float("-inf"))
             elif attn_bias is not None:
                 att = att + attn_bias
             att = F.dropout(F.softmax(att, dim=-1), dropout_p, self.training)
@@ -418,9 +419,10 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
             self.transformer.wpe.num_embeddings = block_size
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW with decay on >=2-D tensors (matmuls, embeddings) only; fused kernel where the device has one."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True, params=None):
+        """AdamW with decay on >=2-D tensors (matmuls, embeddings) only; fused kernel where the device has one.
+        params: the tensors to optimize (default: every trainable one; Muon's split passes the non-matrix rest)."""
+        params = [p for p in (self.parameters() if params is None else params) if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

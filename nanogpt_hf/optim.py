@@ -16,8 +16,6 @@ AdamW's groups, muon_learning_rate for Muon's (lr_scales, set_lr).
 
 import torch
 
-from .modeling_nanogpt import fused_adamw_available
-
 
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several optimizers over disjoint parameters that step, zero, save and load as one torch Optimizer.
@@ -72,19 +70,13 @@ def build_optimizer(model, cfg, device_type, verbose=True):
         raise ValueError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
     hidden, other = split_params(model)
     # AdamW for the rest, with configure_optimizers' rule: decay the embeddings, not the LayerNorms and biases
-    decay, no_decay = [p for p in other if p.dim() >= 2], [p for p in other if p.dim() < 2]
-    fused = {"fused": True} if fused_adamw_available(device_type) else {}
-    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **fused)
+    adamw = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                       verbose=verbose, params=other)
     # torch's default lr adjustment ("original", Keller Jordan's): x sqrt(max(1, rows / cols)), e.g. x2 for c_fc
     muon = torch.optim.Muon(hidden, lr=cfg.muon_learning_rate, momentum=cfg.muon_momentum,
                             weight_decay=cfg.muon_weight_decay)
     if verbose:
         print(f"num Muon parameter tensors: {len(hidden)}, with {sum(p.numel() for p in hidden):,} parameters")
-        print(f"num AdamW decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"num AdamW non-decayed parameter tensors: {len(no_decay)}, with "
-              f"{sum(p.numel() for p in no_decay):,} parameters")
     return CombinedOptimizer(muon, adamw)
 
 
