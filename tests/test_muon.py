@@ -8,10 +8,8 @@ learns, kill -9 + resume reproducing the uninterrupted run, fp16 loss scaling ov
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,8 +17,8 @@ from accelerate.state import AcceleratorState
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.optim import CombinedOptimizer, build_optimizer, lr_scales, set_lr, split_params
-from nanogpt_hf.trainer import CHECKPOINT_SLEEP_ENV, find_checkpoint, get_lr, train
-from test_trainer import ROOT, final_weights, read_dump, tiny_args, tiny_cfg
+from nanogpt_hf.trainer import find_checkpoint, get_lr, train
+from test_trainer import ROOT, final_weights, kill_9_while_writing_checkpoint, read_dump, tiny_cfg
 from test_trainer import fresh_accelerate_state  # noqa: F401 (autouse: a fresh Accelerate state per test)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
@@ -108,18 +106,7 @@ def test_kill_9_then_resume_with_muon_reproduces_the_uninterrupted_run(char_data
     resumes from the first and then gives the uninterrupted run's losses and weights bit for bit."""
     common = dict(dropout=0.1, max_iters=9, eval_interval=3, lr_decay_iters=9)
     killed = muon_cfg(char_data_dir, tmp_path / "killed", debug_dump_dir=str(tmp_path / "dump_k"), **common)
-    env = dict(os.environ, **{CHECKPOINT_SLEEP_ENV: "6:60"})  # pause mid-write at iter 6
-    proc = subprocess.Popen([sys.executable, str(ROOT / "examples/train.py"), *tiny_args(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    half_written = tmp_path / "killed/checkpoints/step_000006.tmp"
-    try:
-        deadline = time.time() + 300
-        while not (half_written / "model.safetensors").is_file():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_9_while_writing_checkpoint(killed, 6)
     assert find_checkpoint(tmp_path / "killed/checkpoints").name == "step_000003"
 
     train(muon_cfg(char_data_dir, tmp_path / "killed", init_from="resume", debug_dump_dir=str(tmp_path / "dump_k"),

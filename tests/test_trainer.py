@@ -137,23 +137,30 @@ def test_resume_is_bit_exact_and_incompatible_resume_refused(char_data_dir, tmp_
         train(tiny_cfg(char_data_dir, tmp_path / "empty", init_from="resume"))
 
 
+def kill_9_while_writing_checkpoint(cfg, it):
+    """Run examples/train.py with cfg and SIGKILL it while iteration it's checkpoint is half written (its weights
+    are written, the rest isn't); returns that checkpoint's .tmp folder."""
+    env = dict(os.environ, **{CHECKPOINT_SLEEP_ENV: f"{it}:60"})  # pause mid-write at iteration it
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples/train.py"), *tiny_args(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    half_written = Path(cfg.out_dir) / f"checkpoints/step_{it:06d}.tmp"
+    try:
+        deadline = time.time() + 300
+        while not (half_written / "model.safetensors").is_file():
+            assert proc.poll() is None and time.time() < deadline, f"the run ended before its iter-{it} checkpoint"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return half_written
+
+
 def test_kill_9_during_checkpoint_write_then_resume_is_exact(char_data_dir, tmp_path):
     """A run killed (SIGKILL) while its second checkpoint is half written resumes from the first one and ends
     with the same per-iteration losses and weights as a run that was never interrupted."""
     common = dict(dropout=0.1, max_iters=9, eval_interval=3, lr_decay_iters=9)
     killed = tiny_cfg(char_data_dir, tmp_path / "killed", debug_dump_dir=str(tmp_path / "dump_k"), **common)
-    env = dict(os.environ, **{CHECKPOINT_SLEEP_ENV: "6:60"})  # pause mid-write at iter 6
-    proc = subprocess.Popen([sys.executable, str(ROOT / "examples/train.py"), *tiny_args(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    half_written = tmp_path / "killed/checkpoints/step_000006.tmp"
-    try:
-        deadline = time.time() + 300
-        while not (half_written / "model.safetensors").is_file():  # its weights are written, the rest isn't
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    half_written = kill_9_while_writing_checkpoint(killed, 6)
     assert not (half_written / "optimizer.pt").exists()
     assert find_checkpoint(tmp_path / "killed/checkpoints").name == "step_000003"  # the .tmp one doesn't count
 
