@@ -331,7 +331,10 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 4:  # already 4-D (e.g. static-cache generate)
             allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
         else:
-            padded = attention_mask is not None and not bool(attention_mask[:, :S].all())
+            # any 2-D mask is applied as given: looking at its values (e.g. "all ones, so skip it") would be a
+            # data-dependent branch that breaks torch.compile fullgraph and torch.export; without a mask, plain
+            # causal attention takes the fused is_causal path
+            padded = attention_mask is not None
             if not (alibi or padded or (past_len > 0 and T > 1) or K > S):
                 return None  # no mask at all needed (T == 1 after a cache attends to everything)
             q_pos = torch.arange(past_len, S, device=device)
@@ -366,12 +369,18 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep=0, shift_labels=None, past_key_values=None):
-        """labels: like input_ids (shifted inside, -100 ignored). shift_labels: targets already shifted (nanoGPT's
-        (x, y) batches), so no position is wasted. logits_to_keep=k: logits of the last k positions only.
+                logits_to_keep=0, past_key_values=None, **loss_kwargs):
+        """labels: like input_ids (shifted inside, -100 ignored). logits_to_keep=k: logits of the last k positions.
 
-        No **kwargs on purpose: an argument this model does not know (e.g. the next rename in transformers) is a
-        TypeError, not silently dropped. The cache is taken under both its names (`cache` since transformers 5.24)."""
+        loss_kwargs, transformers' loss keywords and nothing else (anything more is a TypeError, not silently dropped):
+          shift_labels: targets already shifted, as nanoGPT's (x, y) batches are, so no position is wasted (and what
+            Trainer hands over under sequence/context parallelism). Not a named parameter: Trainer takes every named
+            forward parameter containing "label" for a label column, and evaluate() then reports no eval_loss.
+          num_items_in_batch: the loss is summed and divided by it (Trainer's exact loss under gradient accumulation).
+        The cache is taken under both its names (`cache` since transformers 5.24)."""
+        for name in loss_kwargs.keys() - {"shift_labels", "num_items_in_batch"}:
+            raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {name!r}")
+        shift_labels, num_items = loss_kwargs.get("shift_labels"), loss_kwargs.get("num_items_in_batch")
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
@@ -384,7 +393,9 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             if shift_labels is None:  # position t predicts token t+1; the last position has no target
                 shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if num_items is None else "sum")
+            if num_items is not None:
+                loss = loss / num_items
         else:
             # inference-time mini-optimization (nanoGPT): only forward the lm_head on the positions asked for
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -479,3 +479,17 @@ def test_pipeline_text_generation(tmp_path, tiktoken_cache):
     out = pipe("Hello world", max_new_tokens=5, do_sample=False)
     text = out[0]["generated_text"]
     assert text.startswith("Hello world") and len(pipe.tokenizer(text)["input_ids"]) == 2 + 5
+
+
+def test_num_items_in_batch_sums_the_loss():
+    # Trainer's exact loss under gradient accumulation: summed over tokens, divided by the whole batch's count
+    m = tiny()
+    x = torch.randint(0, 67, (2, 12))
+    y = torch.randint(0, 67, (2, 12))
+    y[0, :5] = -100
+    n = int((y != -100).sum())
+    mean = m(x, shift_labels=y).loss
+    torch.testing.assert_close(m(x, shift_labels=y, num_items_in_batch=3 * n).loss, mean / 3)
+    # Trainer.find_labels reads forward's named parameters: "labels" alone, so evaluate() reports eval_loss
+    from transformers.utils.generic import find_labels
+    assert find_labels(type(m)) == ["labels"]
