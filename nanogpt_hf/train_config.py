@@ -52,8 +52,10 @@ class TrainConfig:
     log_interval: int = 1  # print a log line every this many iterations
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
-    always_save_checkpoint: bool = True  # checkpoint at every eval, not only when the val loss improved
+    always_save_checkpoint: bool = True  # nanoGPT's; no effect: a checkpoint is written at every eval whatever val did
     keep_checkpoints: int = 2  # how many resumable checkpoints to keep in out_dir/checkpoints
+    checkpoint_interval: int = 0  # also checkpoint every this many iterations between evals (0: only at evals)
+    checkpoint_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0: off)
     # data
     batch_size: int = 12  # micro-batch size, per process
     gradient_accumulation_steps: int = 40  # micro-steps per iteration, per process (nanoGPT: 5 * 8 GPUs)
@@ -92,6 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
     cpu: bool = False  # train on the CPU even when a GPU is there
     nan_policy: str = "stop"  # non-finite loss: 'stop' (the last good checkpoint stays) | 'skip' that update
+    max_skipped_share: float = 0.05  # --nan_policy skip: stop when more than this share of the updates was skipped
     # logging
     report_to: str = "none"  # 'none' | 'tensorboard' | 'wandb' (Accelerate trackers)
     project_name: str = "nanogpt_hf"  # the wandb project / tensorboard folder (under out_dir)
@@ -118,9 +121,13 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "batch_size_warmup_iters", "push_interval",
-                    "sample_at_end", "weight_decay", "grad_clip", "min_lr", "muon_weight_decay"):
+                    "sample_at_end", "weight_decay", "grad_clip", "min_lr", "muon_weight_decay", "checkpoint_interval",
+                    "checkpoint_minutes", "max_skipped_share"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_iters == 0 and not self.eval_only:
+            raise ValueError("--max_iters 0: nothing to train (an out_dir needs at least one iteration); to evaluate "
+                             "a model use --eval_only with --init_from")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd ({self.n_embd}) must be divisible by --n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:

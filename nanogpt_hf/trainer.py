@@ -23,28 +23,25 @@ Batches are a pure function of (seed, iteration): resuming needs only the iterat
 the same updates on 1 process with 2 accumulation steps as on 2 processes with 1.
 """
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
-import random
-import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
-from transformers.utils import logging as hf_logging
 
 from . import __version__
+from . import checkpoint as ckpt
+from .checkpoint import CHECKPOINT_SLEEP_ENV, find_checkpoint, full_state_dict, quiet_progress  # noqa: F401 (API)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import TokenShards
 from .modeling_nanogpt import NanoGPTForCausalLM
@@ -52,7 +49,6 @@ from .optim import build_optimizer, lr_scales, set_lr
 from .train_config import ARCHITECTURE, TrainConfig
 
 EVAL_MICRO_STEP = 1  # training draws its batches with micro_step 0, evaluation from this separate stream
-CHECKPOINT_SLEEP_ENV = "NANOGPT_HF_CHECKPOINT_SLEEP"  # test hook "ITER:SECONDS": pause in iter ITER's checkpoint write
 
 # -----------------------------------------------------------------------------
 # schedules: pure functions of the iteration
@@ -128,8 +124,9 @@ def build_model(cfg, data, resume_dir=None, log=print):
     return model
 
 
-def check_resumable(state, cfg, data, ckpt_dir):
-    """Refuse to resume into a different model: the architecture, the optimizer and the data's vocab must match."""
+def check_resumable(state, cfg, data, ckpt_dir, tokenizer_hash=None):
+    """Refuse to resume into a different model: the architecture, the optimizer and the data's vocab (its size and,
+    where both are known, its tokenizer's hash) must match."""
     saved = state["config"]
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r} (now)" for k in ARCHITECTURE
              if saved.get(k) != getattr(cfg, k)]
@@ -139,9 +136,20 @@ def check_resumable(state, cfg, data, ckpt_dir):
     if state["data_vocab_size"] != data.vocab_size:
         diffs.append(f"the data's vocab_size {state['data_vocab_size']} (checkpoint) vs {data.vocab_size} "
                      f"(now, {cfg.data_dir})")
+    elif None not in (state.get("tokenizer_hash"), tokenizer_hash) and state["tokenizer_hash"] != tokenizer_hash:
+        diffs.append(f"the tokenizer: vocab hash {state['tokenizer_hash']} (checkpoint) vs {tokenizer_hash} (now, "
+                     f"{cfg.data_dir}): same size, different tokens")
     if diffs:
         raise ValueError(f"cannot resume from {ckpt_dir}: " + "; ".join(diffs) + ". Resume with the "
                          "checkpoint's settings, or start a new run in another --out_dir")
+
+
+def check_skipped(skipped, it, cfg, out_dir):
+    """--nan_policy skip: stop when more than max_skipped_share of the updates so far were skipped."""
+    if it and skipped > cfg.max_skipped_share * it:
+        raise FloatingPointError(f"{skipped} of {it} updates were skipped for a non-finite loss (--nan_policy skip "
+                                 f"allows --max_skipped_share {cfg.max_skipped_share}): the training diverges (lower "
+                                 f"--learning_rate); {ckpt.describe_newest(out_dir)}")
 
 
 # -----------------------------------------------------------------------------
@@ -149,14 +157,18 @@ def check_resumable(state, cfg, data, ckpt_dir):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, accelerator):
+def estimate_loss(model, splits, cfg, accelerator, stop=None):
     """Mean loss over eval_iters batches per split on every rank, averaged over the ranks. The batches are
-    the same at every evaluation, so successive val losses compare the model and not the sample."""
+    the same at every evaluation, so successive val losses compare the model and not the sample.
+    None when a stop signal (checkpoint.StopSignals) reached any rank meanwhile."""
     model.eval()
     out = {}
     for name, data in splits.items():
         losses = torch.zeros(cfg.eval_iters, device=accelerator.device)
         for k in range(cfg.eval_iters):
+            if stop is not None and stop.agreed(accelerator):
+                model.train()
+                return None
             x, y = data.get_batch(cfg.batch_size, cfg.block_size, k, seed=cfg.seed, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, micro_step=EVAL_MICRO_STEP,
                                   device=accelerator.device)
@@ -168,18 +180,6 @@ def estimate_loss(model, splits, cfg, accelerator):
 
 # -----------------------------------------------------------------------------
 # saving: the best model as a Hugging Face model dir, resumable checkpoints
-
-
-@contextlib.contextmanager
-def quiet_progress():
-    """No 'Writing model shards' / 'Loading weights' progress bars from transformers in the middle of our log."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def plot_loss_curve(history, path):
@@ -205,9 +205,11 @@ def write_run_files(folder, cfg, results, history):
 
 
 def move_into(tmp, out_dir):
-    """tmp's files -> out_dir with os.replace (atomic per file; weights first), then the model card, which is
-    rendered from what out_dir now holds."""
+    """tmp's files -> out_dir with os.replace (atomic per file; weights first), with the umask's mode (safetensors
+    creates 0600 files), then the model card, which is rendered from what out_dir now holds."""
+    mode = ckpt.file_mode()
     for path in sorted(tmp.iterdir(), key=lambda p: (p.suffix != ".safetensors", p.name)):
+        os.chmod(path, mode)
         os.replace(path, out_dir / path.name)
     tmp.rmdir()
     from .hub import write_model_card
@@ -215,106 +217,28 @@ def move_into(tmp, out_dir):
     write_model_card(out_dir)
 
 
-def full_state_dict(accelerator, model):
-    """All the weights, named as in the plain model. Call it on every rank: FSDP and DeepSpeed gather them here.
-    (torch.compile's wrapper holds the model as `_orig_mod`, which would prefix every name.)"""
-    state_dict = accelerator.get_state_dict(model)
-    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()} if state_dict is not None else None
-
-
 def save_model_dir(accelerator, model, tokenizer, cfg, results, history):
-    """The best model so far -> out_dir, via out_dir/.tmp_best so that out_dir never holds half a model."""
-    state_dict = full_state_dict(accelerator, model)
-    if not accelerator.is_main_process:
-        return
-    tmp = Path(cfg.out_dir) / ".tmp_best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_progress():
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    write_run_files(tmp, cfg, results, history)
-    move_into(tmp, Path(cfg.out_dir))
-
-
-def rng_state():
-    np_name, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_gauss, np_cached],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, gauss, cached))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def find_checkpoint(ckpt_root):
-    """The newest complete checkpoint (a step_XXXXXX folder: .tmp folders are unfinished writes), or None."""
-    found = [p for p in Path(ckpt_root).glob("step_*") if re.fullmatch(r"step_\d+", p.name)
-             and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name[5:]), default=None)
-
-
-def save_checkpoint(accelerator, model, optimizer, cfg, state):
-    """Everything needed to continue exactly -> out_dir/checkpoints/step_XXXXXX, written atomically."""
-    root = Path(cfg.out_dir) / "checkpoints"
-    final, tmp = root / f"step_{state['iter']:06d}", root / f"step_{state['iter']:06d}.tmp"
-    state_dict = full_state_dict(accelerator, model)
+    """The best model so far -> out_dir, via out_dir/.tmp_best so that out_dir never holds half a model; with
+    model None only the run files (results, curve, card). Call on every rank: a failed write (full disk) raises
+    CheckpointWriteError on all of them."""
+    state_dict = full_state_dict(accelerator, model) if model is not None else None
+    errors, tmp = [], Path(cfg.out_dir) / ".tmp_best"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    tmp.mkdir(parents=True, exist_ok=True)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        accelerator.save_state(tmp / "sharded")  # sharded optimizer states, in the engines' own formats
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")  # each rank's dropout stream
-    if accelerator.is_main_process:
-        with quiet_progress():
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
-        if os.environ.get(CHECKPOINT_SLEEP_ENV, "").startswith(f"{state['iter']}:"):  # tests: a kill lands mid-write
-            time.sleep(float(os.environ[CHECKPOINT_SLEEP_ENV].split(":")[1]))
-        if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # only there if this step was saved before
-        os.rename(tmp, final)  # atomic: from now on the checkpoint exists, and it is complete
-        done = sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
-                      key=lambda p: int(p.name[5:]))
-        for old in done[:-cfg.keep_checkpoints]:  # prune: keep the newest keep_checkpoints
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, optimizer, ckpt_dir):
-    """Optimizer, grad scaler and this rank's RNG from ckpt_dir (the weights went in with build_model).
-    Everything is read with weights_only=True: tensors and plain containers, no pickled code."""
-    if (ckpt_dir / "sharded").is_dir():
-        accelerator.load_state(ckpt_dir / "sharded")
-    else:
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True))
-    if accelerator.scaler is not None and (ckpt_dir / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(ckpt_dir / "scaler.pt", weights_only=True))
-    rng_file = ckpt_dir / f"rng_state_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:  # more processes than when it was saved: a new dropout stream, so not bit-exact from here on
-        print(f"[rank {accelerator.process_index}] {rng_file.name} not in the checkpoint; dropout RNG reseeded")
-
-
-def remove_unfinished_writes(out_dir):
-    """Leftovers of a run killed while saving: the .tmp folders never became a checkpoint or the model."""
-    shutil.rmtree(out_dir / ".tmp_best", ignore_errors=True)
-    for tmp in (out_dir / "checkpoints").glob("step_*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        with ckpt.saving(tmp, errors):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            if model is not None:
+                with quiet_progress():
+                    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp,
+                                                                                              state_dict=state_dict)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            write_run_files(tmp, cfg, results, history)
+            move_into(tmp, Path(cfg.out_dir))
+        if errors:
+            errors[0] += (f" (the best model in {cfg.out_dir} stays as it was; "
+                          f"{ckpt.describe_newest(cfg.out_dir)} after freeing space)")
+    ckpt.agree(accelerator, errors[0] if errors else None, ckpt.CheckpointWriteError)
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +298,13 @@ def init_trackers(accelerator, cfg):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as cfg says; returns the results (also in out_dir/results.json)."""
+    """Train as cfg says; returns the results (also in out_dir/results.json). Raises checkpoint.Interrupted
+    (exit_code 128 + signal) after the checkpoint that a SIGINT, SIGTERM or SIGUSR1 asked for."""
+    with ckpt.StopSignals() as stop, ckpt.OutDirLock(cfg.out_dir) as lock:
+        return _train(cfg, stop, lock)
+
+
+def _train(cfg, stop, lock):
     t_start = time.time()
     # -------------------------------------------------------------------------
     # setup: accelerator, seeds
@@ -429,26 +359,36 @@ def train(cfg: TrainConfig) -> dict:
         tokenizer.model_max_length = cfg.block_size
     except (OSError, ValueError) as e:
         print0(f"warning: {e}; {out_dir} will have no tokenizer")
+    tokenizer_hash = ckpt.tokenizer_hash(tokenizer)
+    for data, n in ((train_data, accum * world), (val_data, world)):  # too little data for these sizes: fail now
+        data.sample_starts(cfg.batch_size, cfg.block_size, 0, world_size=n)
     tokens_per_iter = accum * world * cfg.batch_size * cfg.block_size
     print0(f"tokens per iteration will be: {tokens_per_iter:,} ({accum} grad accum steps x {world} processes x "
            f"{cfg.batch_size} batch size x {cfg.block_size} block size)")
 
     # -------------------------------------------------------------------------
     # model: new, pretrained, or resumed from the newest checkpoint
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_unfinished_writes(out_dir)
-    accelerator.wait_for_everyone()
+    error = None
+    if master:  # one run per out_dir; then what a killed run left half-written goes
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = f"--out_dir {out_dir}: cannot create it ({ckpt.write_error(e)})"
+        error = error or lock.acquire()
+        if error is None:
+            ckpt.remove_unfinished_writes(out_dir)
+    ckpt.agree(accelerator, error)
     ckpt_dir = state = None
-    if cfg.init_from == "resume":
-        ckpt_dir = find_checkpoint(out_dir / "checkpoints")
+    if cfg.init_from == "resume":  # the newest checkpoint whose files match its manifest
+        ckpt_dir, state = ckpt.load_latest(out_dir / "checkpoints", log=print0)
         if ckpt_dir is None:
             raise ValueError(f"--init_from resume: no complete checkpoint in {out_dir / 'checkpoints'}; start the run "
                              "with --init_from scratch (or a pretrained model)")
-        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-        check_resumable(state, cfg, train_data, ckpt_dir)
+        check_resumable(state, cfg, train_data, ckpt_dir, tokenizer_hash)
         print0(f"resuming training from {ckpt_dir} (iter {state['iter']})")
     model = build_model(cfg, train_data, resume_dir=ckpt_dir, log=print0)
+    if ckpt_dir is None and cfg.init_from != "scratch":
+        ckpt.check_same_tokenizer(cfg.init_from, tokenizer, f"--init_from {cfg.init_from}", data_dir)
     # what generate() and pipeline() use from out_dir: nanoGPT's sample.py settings; with learned positions a
     # sequence can't outgrow block_size, so generation stops there
     length = dict(max_length=model.config.block_size) if model.config.position_embedding == "learned" else \
@@ -461,6 +401,7 @@ def train(cfg: TrainConfig) -> dict:
         enable()
     raw_model = model
     print0(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    ckpt.agree(accelerator, ckpt.check_room(out_dir, model.get_num_params(non_embedding=False)) if master else None)
 
     # -------------------------------------------------------------------------
     # optimizer, and everything through accelerator.prepare (DDP / FSDP / DeepSpeed wrapping, device, autocast)
@@ -475,13 +416,13 @@ def train(cfg: TrainConfig) -> dict:
     init_trackers(accelerator, cfg)
 
     it, best_val, history, tokens_seen, train_time, wall_before = 0, float("inf"), [], 0, 0.0, 0.0
-    results = {}
+    results, skipped = {}, 0
     if state is not None:
-        load_checkpoint(accelerator, optimizer, ckpt_dir)  # optimizer, grad scaler, RNG: after model init
+        ckpt.load(accelerator, optimizer, ckpt_dir)  # optimizer, grad scaler, RNG: after model init
         it, best_val, history = state["iter"], state["best_val_loss"], state["history"]
         tokens_seen, train_time, wall_before = state["tokens_seen"], state["train_time_s"], state["wall_time_s"]
-        results = state.get("results", {})
-    resumed_at = it if state is not None else None
+        results, skipped = state.get("results", {}), state.get("skipped_updates", 0)
+    saved_at, saved_time = (it if state is not None else None), time.time()  # the newest checkpoint's iter
     pusher = last_push = None
     if cfg.push_to_hub and master:
         from .hub import BackgroundPusher
@@ -496,7 +437,7 @@ def train(cfg: TrainConfig) -> dict:
         return {"iter": it, "best_val_loss": best_val, "history": history, "tokens_seen": tokens_seen,
                 "train_time_s": train_time, "wall_time_s": wall_before + time.time() - t_start,
                 "config": cfg.to_dict(), "data_vocab_size": train_data.vocab_size, "world_size": world,
-                "results": results}
+                "results": results, "skipped_updates": skipped, "tokenizer_hash": tokenizer_hash}
 
     # -------------------------------------------------------------------------
     # the loop
@@ -505,13 +446,19 @@ def train(cfg: TrainConfig) -> dict:
                disable=None if master else True)  # None: only on a terminal, not in log files
     loss_mean = norm = None
     clipped = torch.zeros((), device=accelerator.device)  # clip events since the last log line (no sync)
-    log_t, log_iters, log_tokens, running_mfu, skipped = time.time(), 0, 0, -1.0, 0
+    log_t, log_iters, log_tokens, running_mfu = time.time(), 0, 0, -1.0
+    stopping = time_due = False  # a stop signal reached a rank / checkpoint_minutes passed (agreed by all ranks)
     while True:
-        # evaluate the loss on train/val, save the best model, write a checkpoint (every eval_interval and at
-        # the end; not again at the iteration we resumed at: that was evaluated before the checkpoint)
-        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it != resumed_at or cfg.eval_only):
+        # evaluate the loss on train/val, save the best model if val improved, write a checkpoint whatever val did
+        # (every eval_interval and at the end; not again at an iteration whose evaluation a checkpoint holds)
+        evaluated = bool(history) and history[-1]["iter"] == it
+        evaluate = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (not evaluated or cfg.eval_only) \
+            and not stopping
+        if evaluate:
             t_eval = time.time()
-            losses = estimate_loss(model, {"train": train_data, "val": val_data}, cfg, accelerator)
+            losses = estimate_loss(model, {"train": train_data, "val": val_data}, cfg, accelerator, stop)
+            stopping = losses is None  # a stop signal came during the evaluation
+        if evaluate and not stopping:
             print0(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             accelerator.log({"train/eval_loss": losses["train"], "val/loss": losses["val"]}, step=it)
             if cfg.eval_only:
@@ -520,10 +467,12 @@ def train(cfg: TrainConfig) -> dict:
                 return {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
             if not math.isfinite(losses["val"]):
                 raise FloatingPointError(f"the val loss is {losses['val']} at iter {it}: the weights are broken; "
-                                         f"the last good checkpoint in {out_dir / 'checkpoints'} is kept")
+                                         f"{ckpt.describe_newest(out_dir)}")
             history.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val
-            if improved and it > 0:
+            if it == 0:  # the untrained model: the val loss a best model must beat
+                best_val = losses["val"]
+            elif improved:
                 best_val = losses["val"]
                 results = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                            "tokens_seen": tokens_seen, "wall_time_s": round(wall_before + time.time() - t_start, 1),
@@ -533,13 +482,27 @@ def train(cfg: TrainConfig) -> dict:
                            "mixed_precision": accelerator.mixed_precision, "nanogpt_hf_version": __version__}
                 save_model_dir(accelerator, model, tokenizer, cfg, results, history)
                 print0(f"saved the best model so far (val loss {best_val:.4f}) to {out_dir}")
-            if it > 0 and (improved or cfg.always_save_checkpoint or it == cfg.max_iters):
-                path = save_checkpoint(accelerator, model, optimizer, cfg, run_state())
+            check_skipped(skipped, it, cfg, out_dir)
+            if it > 0 and saved_at != it:
+                path = ckpt.save(accelerator, model, optimizer, out_dir, run_state(), keep=cfg.keep_checkpoints)
+                saved_at, saved_time = it, time.time()
                 print0(f"saved checkpoint {path}")
-            if pusher is not None and improved and cfg.push_interval and it - last_push >= cfg.push_interval:
+            if pusher is not None and improved and it and cfg.push_interval and it - last_push >= cfg.push_interval:
                 pusher.push(f"nanogpt_hf: iter {it}, val loss {best_val:.4f}")
                 last_push = it
             log_t += time.time() - t_eval  # evaluation and saving don't count in the iteration times
+        # the latest resumable state between evaluations (checkpoint_interval, checkpoint_minutes), and on a stop
+        # signal, after which the run ends
+        interval_due = cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0
+        if it > 0 and saved_at != it and (stopping or time_due or interval_due):
+            t_save = time.time()
+            path = ckpt.save(accelerator, model, optimizer, out_dir, run_state(), keep=cfg.keep_checkpoints)
+            saved_at, saved_time, time_due = it, time.time(), False
+            print0(f"saved checkpoint {path}")
+            log_t += time.time() - t_save
+        if stopping:
+            bar.close()
+            raise stop.interrupted(find_checkpoint(out_dir / "checkpoints"), it)
         if it >= cfg.max_iters:
             break
 
@@ -566,18 +529,22 @@ def train(cfg: TrainConfig) -> dict:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if norm is not None and cfg.grad_clip:
             clipped += norm > cfg.grad_clip
-        # the one sync per iteration: before the update we must know whether the loss is finite
+        # the one sync per iteration: before the update we must know whether the loss is finite; with it, whether
+        # a stop signal reached any rank or checkpoint_minutes passed, so that every rank stops/saves at this one
         finite = torch.isfinite(loss_mean)
         if norm is not None and accelerator.scaler is None:  # with fp16, inf gradients are the scaler's business
             finite &= torch.isfinite(torch.as_tensor(norm))
+        stopping = stop.requested
+        time_due = bool(cfg.checkpoint_minutes) and time.time() - saved_time >= 60 * cfg.checkpoint_minutes
         if world > 1:
-            finite = accelerator.reduce(finite.float(), reduction="sum") == world
+            flags = torch.cat([(~finite).float().view(1), torch.tensor([stopping, time_due], dtype=torch.float, device=finite.device)])
+            bad, stopping, time_due = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+            finite = torch.tensor(not bad)
         if not finite.item():
             if cfg.nan_policy == "stop":
                 raise FloatingPointError(
-                    f"loss is {loss_mean.item()} at iter {it}: stopped before updating the weights. The last good "
-                    f"checkpoint in {out_dir / 'checkpoints'} is kept; resume with --init_from resume (maybe with a "
-                    "lower --learning_rate), or pass --nan_policy skip")
+                    f"loss is {loss_mean.item()} at iter {it}: stopped before updating the weights (lower "
+                    f"--learning_rate, or pass --nan_policy skip); {ckpt.describe_newest(out_dir)}")
             skipped += 1
             print0(f"iter {it}: loss {loss_mean.item()}, update skipped (--nan_policy skip, {skipped} so far)")
             if accelerator.scaler is not None:
@@ -622,12 +589,12 @@ def train(cfg: TrainConfig) -> dict:
                    total_train_time_s=round(train_time, 1), skipped_updates=skipped,
                    ms_per_iter=round(1000 * train_time / max(it, 1), 2),
                    tokens_per_s=round(tokens_seen / train_time) if train_time else None)
-    if master and results.get("iter") is not None:  # refresh results, curve and card; the weights stay the best
-        tmp = out_dir / ".tmp_best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write_run_files(tmp, cfg, results, history)
-        move_into(tmp, out_dir)
+    if results.get("iter") is None:
+        raise FloatingPointError(f"no evaluation beat the untrained model's val loss {best_val:.4f} (iter 0), so "
+                                 f"{out_dir} has no best model (train longer, or lower --learning_rate); "
+                                 f"{ckpt.describe_newest(out_dir)}")
+    save_model_dir(accelerator, None, None, cfg, results, history)  # results, curve, card; the weights stay the best
+    if master:
         print0(f"best val loss {best_val:.4f} at iter {results['iter']}; {results['ms_per_iter']:.2f} ms/iter, "
                f"{results['tokens_per_s'] or 0:,} tokens/s (evaluation excluded); {out_dir} is ready")
     if dump is not None:
