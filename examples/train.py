@@ -6,8 +6,12 @@ Train a nanoGPT model: a YAML config (optional) plus --key value overrides (defa
     accelerate launch examples/train.py examples/configs/shakespeare_char.yaml
     torchrun --nproc_per_node 2 examples/train.py examples/configs/python_char_cpu.yaml
     python examples/train.py --help        # every key, its default and what it does
+
+Exit codes: 0 done; 1 an error (one line); 130 / 143 / 138 stopped by SIGINT (Ctrl-C) / SIGTERM / SIGUSR1 after
+writing a checkpoint (continue with --init_from resume).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +32,14 @@ def main(argv=None):
         train(cfg)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # a stop signal (SIGINT, SIGTERM, SIGUSR1) after its checkpoint: exit 128 + signal
+        from nanogpt_hf.checkpoint import Interrupted
+
+        if not isinstance(e, Interrupted):
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one line is enough
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

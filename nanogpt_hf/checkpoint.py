@@ -449,12 +449,18 @@ class StopSignals:
     def requested(self):
         return self.signum is not None
 
-    def agreed(self, accelerator):
-        """Whether any rank got a stop signal; a collective when distributed (call on every rank)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+    def agreed(self, accelerator, *flags):
+        """Whether any rank got a stop signal (then it counts as received here too), and for each of flags (bools
+        or 0-d tensors) whether it is true on any rank: one all-reduce when distributed (call on every rank)."""
+        if accelerator.num_processes > 1:
+            values = torch.stack([torch.as_tensor(float(self.signum or 0), device=accelerator.device)]
+                                 + [torch.as_tensor(f, device=accelerator.device).float() for f in flags])
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+            signum, *flags = values.tolist()
+            if signum and self.signum is None:
+                self.signum = int(signum)  # another rank's signal: stop with it
+            flags = [f > 0 for f in flags]
+        return (self.requested, *flags) if flags else self.requested
 
     def interrupted(self, path, it):
         name = signal.Signals(self.signum).name

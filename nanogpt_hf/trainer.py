@@ -534,12 +534,12 @@ def _train(cfg, stop, lock):
         finite = torch.isfinite(loss_mean)
         if norm is not None and accelerator.scaler is None:  # with fp16, inf gradients are the scaler's business
             finite &= torch.isfinite(torch.as_tensor(norm))
-        stopping = stop.requested
         time_due = bool(cfg.checkpoint_minutes) and time.time() - saved_time >= 60 * cfg.checkpoint_minutes
         if world > 1:
-            flags = torch.cat([(~finite).float().view(1), torch.tensor([stopping, time_due], dtype=torch.float, device=finite.device)])
-            bad, stopping, time_due = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+            stopping, bad, time_due = stop.agreed(accelerator, ~finite, time_due)
             finite = torch.tensor(not bad)
+        else:
+            stopping = stop.requested
         if not finite.item():
             if cfg.nan_policy == "stop":
                 raise FloatingPointError(
