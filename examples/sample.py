@@ -83,6 +83,8 @@ def main(argv=None):
             raise ValueError("--num_samples and --max_new_tokens must be >= 1")
         if args.temperature < 0 or not 0 < (args.top_p or 1) <= 1:
             raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+        if args.top_k < 0:
+            raise ValueError(f"--top_k must be >= 0 (0: all tokens), got {args.top_k}")
         device = args.device or default_device()
         dtype = autocast_dtype(device, args.dtype)
         prompt = read_prompt(args.start)

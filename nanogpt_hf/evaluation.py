@@ -91,10 +91,15 @@ def load_model(name, device="cpu", trust_remote_code=False):
     from . import NanoGPTForCausalLM
     from .tokenization import gpt2_tokenizer
 
+    from .hub import check_hub_name
+
     name = str(name)
+    hub = {} if os.path.isdir(os.path.expanduser(name)) or _is_local(name) else check_hub_name(name, "--model")
     if name in GPT2_MODELS:
+        from transformers import GPT2LMHeadModel
+
         try:
-            model = NanoGPTForCausalLM.from_gpt2(name)
+            model = NanoGPTForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(name, **hub))
         except OSError as e:
             raise ValueError(f"--model {name}: cannot download OpenAI's GPT-2 weights ({_first_line(e)}); "
                              "this needs the network or a Hugging Face cache that holds them") from None
@@ -104,13 +109,13 @@ def load_model(name, device="cpu", trust_remote_code=False):
             raise FileNotFoundError(f"--model {name}: no such folder (expected a save_pretrained/train.py out_dir)")
         name = os.path.expanduser(name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
         except (OSError, ValueError) as e:
             where = "folder" if os.path.isdir(name) else "local folder or reachable Hub id"
             hint = " (pass --trust_remote_code if you trust its code)" if "trust_remote_code" in str(e) else ""
             raise ValueError(f"--model {name}: not loadable as a {where}: {_first_line(e)}{hint}") from None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
         except (OSError, ValueError) as e:
             raise ValueError(f"--model {name}: no usable tokenizer saved with the model ({_first_line(e)}); "
                              "save one next to it with tokenizer.save_pretrained") from None

@@ -507,3 +507,38 @@ class BackgroundPusher:
         with self._cond:
             done = self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
         return done and self.last_error is None and self.last_commit is not None
+
+
+# -----------------------------------------------------------------------------
+# names given as --model / --tokenizer / --init_from: fail fast
+
+
+def check_hub_name(name, flag, timeout=5.0) -> dict:
+    """For a name that is not a local folder: ValueError at once if it can't be a Hub id, else one quick request
+    (no retries) to the Hub. A missing repo, or an unreachable Hub when the cache doesn't hold the model, is a
+    one-line ValueError; an unreachable Hub with the model cached returns {"local_files_only": True} for
+    from_pretrained (no 30-60 s of download retries). {} when the Hub answered, or under HF_HUB_OFFLINE."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"{flag} {name}: not a local folder, and not a valid Hub id (namespace/name)") from None
+    if constants.HF_HUB_OFFLINE:
+        return {}
+    endpoint = constants.ENDPOINT
+    try:
+        HfApi(endpoint=endpoint).model_info(name, timeout=timeout)
+        return {}
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ValueError(f"{flag} {name}: not a local folder, and no such model on {endpoint} (a private or gated "
+                         "one needs `hf auth login`)") from None
+    except Exception as e:  # noqa: BLE001 - the network, or the Hub in trouble
+        if not (_is_transient(e) or isinstance(e, HfHubHTTPError)):
+            raise
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            _stderr(f"{flag} {name}: {_reason(e, endpoint)}; using the cached copy")
+            return {"local_files_only": True}
+        raise ValueError(f"{flag} {name}: {_reason(e, endpoint)}; it is not in the local cache either") from None

@@ -117,8 +117,13 @@ def load_pretrained_tokenizer(name_or_path):
     name = str(name_or_path)
     if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"tokenizer folder {name} not found (--tokenizer)")
+    hub = {}
+    if not os.path.isdir(os.path.expanduser(name)):
+        from .hub import check_hub_name
+
+        hub = check_hub_name(name, "--tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **hub)
     except Exception as e:
         where = "folder" if os.path.isdir(name_or_path) else "local folder or reachable Hub id"
         raise ValueError(

@@ -105,12 +105,17 @@ def build_model(cfg, data, resume_dir=None, log=print):
         model = NanoGPTForCausalLM.from_nanogpt_checkpoint(os.path.expanduser(cfg.init_from), **dropout)
     else:  # gpt2*, a model dir or a Hub id: GPT-2 weights are converted, nanogpt_hf models load as they are
         log(f"initializing from weights: {cfg.init_from}")
+        from .hub import check_hub_name
+
+        hub = {} if os.path.isdir(os.path.expanduser(cfg.init_from)) else check_hub_name(cfg.init_from, "--init_from")
         try:
-            model_type = AutoConfig.from_pretrained(cfg.init_from).model_type
+            model_type = AutoConfig.from_pretrained(cfg.init_from, **hub).model_type
             if model_type == "nanogpt":
-                model = NanoGPTForCausalLM.from_pretrained(cfg.init_from, **dropout)
+                model = NanoGPTForCausalLM.from_pretrained(cfg.init_from, **dropout, **hub)
             elif model_type == "gpt2":
-                model = NanoGPTForCausalLM.from_gpt2(cfg.init_from, **dropout)
+                from transformers import GPT2LMHeadModel
+
+                model = NanoGPTForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(cfg.init_from, **hub), **dropout)
             else:
                 raise ValueError(f"--init_from {cfg.init_from} is a {model_type!r} model; nanogpt or gpt2 expected")
         except OSError as e:
