@@ -1,0 +1,151 @@
+"""Bad inputs a new user gives, each answered by one line that names the flag or file, before any real work.
+
+In this process where train() is enough (examples/train.py prints these errors as `error: <message>`), through
+the real CLI where the script's own handling or the Hub's network behaviour is what is tested. The damaged-
+checkpoint, signal, lock and disk cases are in test_checkpoint.py; config-parsing ones in test_train_config.py.
+
+    python -m pytest tests/test_bad_inputs.py -q
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from nanogpt_hf.trainer import train
+from test_trainer import nan_at, tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+DIVERGE = dict(nan_policy="skip", learning_rate=1e6, min_lr=1e5, max_iters=12, eval_interval=4, lr_decay_iters=12)
+
+# name: (TrainConfig overrides, the exception, a regex its one-line message must match, most seconds before it)
+CASES = {
+    "max_iters 0": (dict(max_iters=0), ValueError, r"--max_iters 0: nothing to train", 2),
+    "block_size beyond the data": (dict(block_size=200_000, batch_size=1), ValueError,
+                                   r"train split of .* too few for 1 distinct windows of block_size 200000", 10),
+    "batch beyond the val split": (dict(batch_size=4100, block_size=8), ValueError, r"val split .* too few", 10),
+    "init_from a typo": (dict(init_from="out-nope"), ValueError, r"--init_from must be .*'out-nope'", 2),
+    "init_from a missing dir": (dict(init_from="./out-nope"), ValueError, r"--init_from: \./out-nope not found", 2),
+    "init_from an invalid Hub id": (dict(init_from="a/b c"), ValueError, r"--init_from must be", 2),
+    "resume without checkpoints": (dict(init_from="resume"), ValueError, r"no complete checkpoint in .*checkpoints", 10),
+    "out_dir is a file": ("file", ValueError, r"--out_dir .*: cannot create it \(File exists\)", 10),
+    "out_dir under a file": ("under_file", ValueError, r"--out_dir .*: cannot create it \(Not a directory\)", 10),
+    "nan_policy skip, diverging": (DIVERGE, FloatingPointError,
+                                   r"[34] of 4 updates were skipped .*--max_skipped_share 0.05.*lower --learning_rate", 60),
+    "nan_policy skip, allowed, no better than step 0": (
+        dict(DIVERGE, max_skipped_share=1.0), FloatingPointError,
+        r"no evaluation beat the untrained model's val loss 4\.\d+ \(iter 0\), so .* has no best model", 60),
+    "checkpoint_interval negative": (dict(checkpoint_interval=-1), ValueError, r"--checkpoint_interval must be >= 0", 2),
+    "max_skipped_share negative": (dict(max_skipped_share=-1), ValueError, r"--max_skipped_share must be >= 0", 2),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_train_input_is_one_line(char_data_dir, tmp_path, case):
+    overrides, exc, pattern, seconds = CASES[case]
+    out = tmp_path / "out"
+    if overrides in ("file", "under_file"):
+        (tmp_path / "f").write_text("x")
+        out, overrides = (tmp_path / "f") if overrides == "file" else (tmp_path / "f" / "out"), {}
+    t0 = time.time()
+    with pytest.raises(exc) as e:
+        train(tiny_cfg(char_data_dir, out, **overrides))
+    message = str(e.value)
+    assert "\n" not in message
+    assert re.search(pattern, message), message
+    assert time.time() - t0 < seconds, f"{case}: {time.time() - t0:.1f} s before the error"
+    if exc is FloatingPointError:  # what is left is said honestly
+        assert out.joinpath("model.safetensors").is_file() is False
+        assert "the newest checkpoint is" in message or "no checkpoint has been written" in message
+
+
+def test_nan_stop_says_what_checkpoint_exists(char_data_dir, tmp_path, monkeypatch):
+    nan_at(monkeypatch, bad_call=2)  # iteration 1: before any checkpoint
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iter 1: .*no checkpoint has been written to "):
+        train(tiny_cfg(char_data_dir, tmp_path / "out"))
+
+
+# -----------------------------------------------------------------------------
+# the real CLI
+
+
+def cli(script, *args, env=None, timeout=120):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, **(env or {})))
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert run.returncode == 1 and len(lines) == 1, (run.returncode, run.stderr[-3000:])
+    return lines[0]
+
+
+def test_sample_negative_top_k(tmp_path):
+    assert "--top_k must be >= 0" in cli("sample.py", "--model", str(tmp_path), "--top_k", "-5")
+
+
+def test_train_max_iters_0_cli():
+    assert cli("train.py", "--max_iters", "0") == ("error: --max_iters 0: nothing to train (an out_dir needs at "
+                                                  "least one iteration); to evaluate a model use --eval_only with "
+                                                  "--init_from")
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A loopback port that accepts connections and never answers (a Hub behind a dead proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again when this returns: connection refused
+
+
+@pytest.mark.parametrize("hub", ["refused", "silent"])
+def test_unreachable_hub_fails_after_one_quick_attempt(tmp_path, silent_endpoint, hub):
+    endpoint = closed_port() if hub == "refused" else silent_endpoint
+    t0 = time.time()
+    line = cli("sample.py", "--model", "someone/no-such-model", env={"HF_ENDPOINT": endpoint})
+    elapsed = time.time() - t0
+    assert f"--model someone/no-such-model: " in line and endpoint in line and "not in the local cache" in line
+    assert ("timed out" if hub == "silent" else "cannot reach") in line, line
+    assert elapsed < 40, f"{elapsed:.1f} s"  # before: 56-59 s of the Hub client's retries (imports here: ~10 s)
+
+
+def test_missing_model_on_a_real_hub_server(tmp_path, char_data_dir):
+    from hub_server import HubServer
+
+    from nanogpt_hf.tokenization import load_pretrained_tokenizer
+
+    with HubServer(tmp_path / "hub") as hub:
+        os.environ["HF_ENDPOINT"] = hub.url
+        try:
+            import huggingface_hub.constants as constants
+
+            old, constants.ENDPOINT = constants.ENDPOINT, hub.url  # read at import; this process imported it
+            with pytest.raises(ValueError, match=r"--tokenizer tester/nope: not a local folder, and no such model"):
+                load_pretrained_tokenizer("tester/nope")
+            with pytest.raises(ValueError, match=r"--init_from tester/nope: not a local folder, and no such model"):
+                train(tiny_cfg(char_data_dir, tmp_path / "out", init_from="tester/nope"))
+        finally:
+            constants.ENDPOINT = old
+            del os.environ["HF_ENDPOINT"]
