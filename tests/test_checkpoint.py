@@ -366,3 +366,34 @@ def test_other_tokenizer_with_the_same_vocab_size_is_refused(two_checkpoints, ot
     with pytest.raises(ValueError, match=rf"--init_from {out}: its tokenizer \(60 tokens, vocab hash \w+\) is not "
                                          r"the data's \(60 tokens"):
         train(tiny_cfg(other_chars_data_dir, tmp_path / "finetune", init_from=str(out)))
+
+
+# -----------------------------------------------------------------------------
+# the SLURM example: it can't run here; its syntax and its agreement with the trainer are checked
+
+
+def test_slurm_example_is_valid_bash_and_matches_the_trainer():
+    import re
+
+    from nanogpt_hf.train_config import FIELDS
+
+    folder = ROOT / "examples/slurm"
+    scripts = sorted(folder.iterdir())
+    assert {p.name for p in scripts} >= {"launch.sh", "train_1node.sbatch", "train_2nodes.sbatch"}
+    for script in scripts:
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script.name}: {check.stderr}"
+    launch = (folder / "launch.sh").read_text()
+    assert int(re.search(r"EXIT_SIGUSR1=(\d+)", launch)[1]) == ckpt.EXIT_CODES[signal.SIGUSR1]
+    assert int(re.search(r"EXIT_SIGTERM=(\d+)", launch)[1]) == ckpt.EXIT_CODES[signal.SIGTERM]
+    assert f"checkpoints/step_*/{ckpt.MANIFEST}" in launch and "--init_from resume" in launch.replace(
+        '--init_from "$INIT_FROM"', "--init_from resume")
+    assert (ROOT / re.search(r"CONFIG=\$\{CONFIG:-(\S+)\}", launch)[1]).is_file()
+    for script in scripts:
+        for flag in re.findall(r"(?<![\w-])--([a-z_]+)", script.read_text()):
+            if "_" in flag or flag in ("out_dir",):  # train.py flags (SLURM's own have dashes)
+                assert flag in FIELDS, f"{script.name}: --{flag} is not a train.py flag"
+    for name in ("train_1node.sbatch", "train_2nodes.sbatch"):
+        text = (folder / name).read_text()
+        assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text and "launch.sh" in text
+        assert re.search(r"#SBATCH --nodes=(\d)", text)[1] == ("1" if "1node" in name else "2")
