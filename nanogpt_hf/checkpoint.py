@@ -295,6 +295,10 @@ def save(accelerator, model, optimizer, out_dir, state, keep=2, state_dict=None)
     if main and not errors:
         with saving(tmp, errors):
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            mode = file_mode()
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    os.chmod(path, mode)  # the umask's mode (safetensors writes 0600)
             write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)  # only there if this step was saved before
             os.rename(tmp, final)  # atomic: from now on the checkpoint exists, and it is complete

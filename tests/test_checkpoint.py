@@ -104,6 +104,7 @@ def test_manifest_lists_every_file_and_best_model_has_umask_mode(two_checkpoints
     assert ckpt.verify(newest) is None
     for name in ("model.safetensors", "config.json", "results.json", "tokenizer.json"):
         assert (two_checkpoints / name).stat().st_mode & 0o777 == 0o644, name  # safetensors alone: 0600 before
+    assert (newest / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def flip_a_byte(path):
