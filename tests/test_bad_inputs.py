@@ -10,8 +10,6 @@ checkpoint, signal, lock and disk cases are in test_checkpoint.py; config-parsin
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -83,26 +81,30 @@ def test_nan_stop_says_what_checkpoint_exists(char_data_dir, tmp_path, monkeypat
 
 
 # -----------------------------------------------------------------------------
-# the real CLI
+# examples/sample.py's main(), in this process (its errors end it with SystemExit("error: ..."))
 
 
-def cli(script, *args, env=None, timeout=120):
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
-                         timeout=timeout, env=dict(os.environ, **(env or {})))
-    assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert run.returncode == 1 and len(lines) == 1, (run.returncode, run.stderr[-3000:])
-    return lines[0]
+@pytest.fixture(scope="module")
+def sample_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_sample_bad", ROOT / "examples/sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
-def test_sample_negative_top_k(tmp_path):
-    assert "--top_k must be >= 0" in cli("sample.py", "--model", str(tmp_path), "--top_k", "-5")
+def cli_error(main, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
 
 
-def test_train_max_iters_0_cli():
-    assert cli("train.py", "--max_iters", "0") == ("error: --max_iters 0: nothing to train (an out_dir needs at "
-                                                  "least one iteration); to evaluate a model use --eval_only with "
-                                                  "--init_from")
+def test_sample_negative_top_k(tmp_path, sample_main):
+    assert "--top_k must be >= 0 (0: all tokens), got -5" in cli_error(sample_main, "--model", str(tmp_path),
+                                                                      "--top_k", "-5")
 
 
 @pytest.fixture
@@ -120,32 +122,49 @@ def closed_port():
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again when this returns: connection refused
 
 
-@pytest.mark.parametrize("hub", ["refused", "silent"])
-def test_unreachable_hub_fails_after_one_quick_attempt(tmp_path, silent_endpoint, hub):
-    endpoint = closed_port() if hub == "refused" else silent_endpoint
+@pytest.fixture
+def endpoint():
+    """Point this process's huggingface_hub at another endpoint (it reads HF_ENDPOINT once, at import)."""
+    import huggingface_hub.constants as constants
+
+    old = constants.ENDPOINT
+
+    def use(url):
+        constants.ENDPOINT = url
+
+    yield use
+    constants.ENDPOINT = old
+
+
+def test_unreachable_hub_fails_after_one_quick_attempt(sample_main, endpoint):
+    url = closed_port()
+    endpoint(url)
     t0 = time.time()
-    line = cli("sample.py", "--model", "someone/no-such-model", env={"HF_ENDPOINT": endpoint})
-    elapsed = time.time() - t0
-    assert f"--model someone/no-such-model: " in line and endpoint in line and "not in the local cache" in line
-    assert ("timed out" if hub == "silent" else "cannot reach") in line, line
-    assert elapsed < 40, f"{elapsed:.1f} s"  # before: 56-59 s of the Hub client's retries (imports here: ~10 s)
+    line = cli_error(sample_main, "--model", "someone/no-such-model", "--device", "cpu")
+    assert "--model someone/no-such-model: cannot reach" in line and url in line, line
+    assert "not in the local cache" in line
+    assert time.time() - t0 < 10, f"{time.time() - t0:.1f} s"  # before: 47-50 s of the Hub client's retries
 
 
-def test_missing_model_on_a_real_hub_server(tmp_path, char_data_dir):
+def test_silent_hub_fails_after_one_timeout(silent_endpoint, endpoint):
+    from nanogpt_hf.hub import check_hub_name
+
+    endpoint(silent_endpoint)
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"--init_from someone/x: timed out talking to http://127\.0\.0\.1:\d+ "
+                                         r"\(ReadTimeout"):
+        check_hub_name("someone/x", "--init_from", timeout=2)
+    assert time.time() - t0 < 10
+
+
+def test_missing_model_on_a_real_hub_server(tmp_path, char_data_dir, endpoint):
     from hub_server import HubServer
 
     from nanogpt_hf.tokenization import load_pretrained_tokenizer
 
     with HubServer(tmp_path / "hub") as hub:
-        os.environ["HF_ENDPOINT"] = hub.url
-        try:
-            import huggingface_hub.constants as constants
-
-            old, constants.ENDPOINT = constants.ENDPOINT, hub.url  # read at import; this process imported it
-            with pytest.raises(ValueError, match=r"--tokenizer tester/nope: not a local folder, and no such model"):
-                load_pretrained_tokenizer("tester/nope")
-            with pytest.raises(ValueError, match=r"--init_from tester/nope: not a local folder, and no such model"):
-                train(tiny_cfg(char_data_dir, tmp_path / "out", init_from="tester/nope"))
-        finally:
-            constants.ENDPOINT = old
-            del os.environ["HF_ENDPOINT"]
+        endpoint(hub.url)
+        with pytest.raises(ValueError, match=r"--tokenizer tester/nope: not a local folder, and no such model"):
+            load_pretrained_tokenizer("tester/nope")
+        with pytest.raises(ValueError, match=r"--init_from tester/nope: not a local folder, and no such model"):
+            train(tiny_cfg(char_data_dir, tmp_path / "out", init_from="tester/nope"))

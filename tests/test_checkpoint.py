@@ -140,17 +140,14 @@ def test_resume_skips_a_damaged_checkpoint(two_checkpoints, char_data_dir, tmp_p
     assert results["final_iter"] == 8 and ckpt.verify(out / "checkpoints/step_000008") is None  # written anew
 
 
-def test_all_checkpoints_damaged_is_one_line(two_checkpoints, char_data_dir, tmp_path):
+def test_all_checkpoints_damaged_is_one_line(two_checkpoints, char_data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(two_checkpoints, out)
     for step in ckpt.checkpoints(out / "checkpoints"):
         (step / "model.safetensors").write_bytes(b"")
-    run = subprocess.run([sys.executable, str(ROOT / "examples/train.py"),
-                          *tiny_args(tiny_cfg(char_data_dir, out, init_from="resume"))],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1
-    assert "no complete checkpoint in" in one_line_error(run.stderr)
-    assert run.stdout.count("warning: checkpoint") == 2
+    with pytest.raises(ValueError, match="no complete checkpoint in"):
+        train(tiny_cfg(char_data_dir, out, init_from="resume"))
+    assert capsys.readouterr().out.count("warning: checkpoint") == 2
 
 
 # -----------------------------------------------------------------------------
@@ -256,12 +253,11 @@ def test_second_run_on_a_busy_out_dir_refuses_and_the_lock_dies_with_the_run(cha
     first = start(tiny_cfg(char_data_dir, out), env={ckpt.CHECKPOINT_SLEEP_ENV: "4:60"})  # holds out_dir 60 s
     try:
         wait_for(lambda: (out / "checkpoints/step_000004.tmp/model.safetensors").is_file(), first, "its checkpoint")
-        second = subprocess.run([sys.executable, str(ROOT / "examples/train.py"),
-                                 *tiny_args(tiny_cfg(char_data_dir, out))], capture_output=True, text=True,
-                                timeout=300)
-        assert second.returncode == 1
-        line = one_line_error(second.stderr)
+        with pytest.raises(ValueError) as e:  # this process is the second run
+            train(tiny_cfg(char_data_dir, out))
+        line = str(e.value)
         assert f"in use by another training run (PID {first.pid} on {socket.gethostname()})" in line, line
+        reset()
         assert (out / "checkpoints/step_000004.tmp/model.safetensors").is_file()  # it left the first run's files
     finally:
         first.send_signal(signal.SIGKILL)
@@ -312,11 +308,10 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ch
     assert ckpt.verify(out / "checkpoints/step_000004") is None and not (out / "checkpoints/step_000008.tmp").exists()
 
     # the pre-flight check: no room for a checkpoint -> refused before any work
-    run = subprocess.run([sys.executable, str(ROOT / "examples/train.py"),
-                          *tiny_args(tiny_cfg(char_data_dir, out, init_from="resume"))], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 1 and "MB free, but a checkpoint" in one_line_error(run.stderr)
-    assert "step 4:" not in run.stdout  # no evaluation ran
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"--out_dir .* has 0\.\d MB free, but a checkpoint and the best model"):
+        train(tiny_cfg(char_data_dir, out, init_from="resume"))
+    assert time.time() - t0 < 10
     (tmpfs / "filler").unlink()
     reset()
     assert train(tiny_cfg(char_data_dir, out, init_from="resume"))["final_iter"] == 8
@@ -325,14 +320,12 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ch
 def test_read_only_out_dir_is_refused_at_start(char_data_dir, tmpfs):
     out = tmpfs / "out"
     train(tiny_cfg(char_data_dir, out, max_iters=4))
+    reset()
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    run = subprocess.run([sys.executable, str(ROOT / "examples/train.py"),
-                          *tiny_args(tiny_cfg(char_data_dir, out, init_from="resume"))], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 1
-    line = one_line_error(run.stderr)
-    assert "is not writable (Read-only file system" in line and str(out) in line, line
-    assert "step " not in run.stdout  # refused before any work
+    t0 = time.time()
+    with pytest.raises(ValueError, match=rf"--out_dir {out} is not writable \(Read-only file system\)"):
+        train(tiny_cfg(char_data_dir, out, init_from="resume", max_iters=8))
+    assert time.time() - t0 < 10  # refused before any work
 
 
 # -----------------------------------------------------------------------------
