@@ -467,9 +467,10 @@ class StopSignals:
         return (self.requested, *flags) if flags else self.requested
 
     def interrupted(self, path, it):
-        name = signal.Signals(self.signum).name
-        return Interrupted(f"stopped by {name} at iter {it}; checkpoint {path}; continue with --init_from resume "
-                           f"(exit code {EXIT_CODES[self.signum]})", EXIT_CODES[self.signum])
+        """The Interrupted to raise after the checkpoint path (None: there is none, nothing was trained yet)."""
+        name, code = signal.Signals(self.signum).name, EXIT_CODES[self.signum]
+        where = f"checkpoint {path}; continue with --init_from resume" if path else "nothing trained, no checkpoint"
+        return Interrupted(f"stopped by {name} at iter {it}; {where} (exit code {code})", code)
 
 
 __all__ = ["save", "load", "load_latest", "find_checkpoint", "checkpoints", "verify", "write_manifest",

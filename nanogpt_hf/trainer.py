@@ -616,5 +616,4 @@ def _train(cfg, stop, lock):
     return results
 
 
-__all__ = ["train", "get_lr", "get_batch_size", "estimate_loss", "build_model", "find_checkpoint",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["train", "get_lr", "get_batch_size", "estimate_loss", "build_model", "find_checkpoint"]

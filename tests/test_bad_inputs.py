@@ -7,7 +7,6 @@ checkpoint, signal, lock and disk cases are in test_checkpoint.py; config-parsin
     python -m pytest tests/test_bad_inputs.py -q
 """
 
-import os
 import re
 import socket
 import time

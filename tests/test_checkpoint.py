@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from nanogpt_hf import checkpoint as ckpt
@@ -240,8 +239,10 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(char_data_dir, tmp_path):
 
 def test_checkpoint_minutes(char_data_dir, tmp_path):
     out = tmp_path / "out"
+    handlers = {s: signal.getsignal(s) for s in ckpt.STOP_SIGNALS}
     train(tiny_cfg(char_data_dir, out, max_iters=6, eval_interval=100, checkpoint_minutes=1e-6, keep_checkpoints=3))
     assert [p.name for p in ckpt.checkpoints(out / "checkpoints")] == ["step_000006", "step_000005", "step_000004"]
+    assert {s: signal.getsignal(s) for s in ckpt.STOP_SIGNALS} == handlers  # train() put the handlers back
 
 
 # -----------------------------------------------------------------------------
