@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
@@ -67,11 +67,15 @@ class Interrupted(Exception):
 
 
 def agree(accelerator, error, exc=ValueError):
-    """Call on every rank with this rank's error message (or None): raises exc on every rank if any has one."""
-    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
-    first = next((e for e in errors if e), None)
-    if first:
-        raise exc(first)
+    """Call on every rank with this rank's error message (or None): raises exc on every rank if any has one (a
+    rank without one of its own says so; the failing rank's line names the cause)."""
+    if accelerator.num_processes > 1:
+        failed = torch.tensor(float(error is not None), device=accelerator.device)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item() and error is None:
+            error = f"[rank {accelerator.process_index}] stopped because another rank failed (its error names why)"
+    if error:
+        raise exc(error)
 
 
 def full_state_dict(accelerator, model):
