@@ -222,8 +222,8 @@ def test_reader_validation(tmp_path, char_data_dir):
     d = tmp_path / "copy"
     shutil.copytree(char_data_dir, d)
     meta = json.loads((d / "meta.json").read_text())
-    (d / "meta.json").write_text(json.dumps(meta | {"format_version": 2}))
-    with pytest.raises(ValueError, match=r"prepared by a newer nanogpt_hf \(format 2\); upgrade"):
+    (d / "meta.json").write_text(json.dumps(meta | {"format_version": 3}))
+    with pytest.raises(ValueError, match=r"prepared by a newer nanogpt_hf \(format 3\); upgrade"):
         TokenShards(d)
     (d / "meta.json").write_text(json.dumps(meta | {"dtype": "float32"}))
     with pytest.raises(ValueError, match="unsupported dtype"):

@@ -110,17 +110,19 @@ def test_refuses_a_data_dir_prepared_with_another_tokenizer(tmp_path, tiny_text,
     assert read_meta(d)["tokenizer"] == "gpt2"
 
 
-def test_sigkill_mid_write_leaves_no_accepted_dataset(tmp_path, tiny_text):
-    """A real prepare process, killed with SIGKILL between two shards, leaves nothing that is accepted."""
-    d = tmp_path / "d"
-    cmd = [sys.executable, str(PREPARE), "--dataset", "x", "--input", str(tiny_text), "--tokenizer", "char",
-           "--data_dir", str(d), "--shard_size", "400"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, **{SLEEP_ENV: "0.2"}), stdout=subprocess.DEVNULL,
+def all_files(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def kill_prepare_after_shard(d, argv, shard):
+    """Run prepare.py into d as a real process, SIGKILL it once `shard` is complete in .d.partial/."""
+    cmd = [sys.executable, str(PREPARE), "--data_dir", str(d), *map(str, argv)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **{SLEEP_ENV: "0.3"}), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    tmp = tmp_path / f".d.tmp-{proc.pid}"
+    work = d.parent / f".{d.name}.partial"
     try:
         deadline = time.time() + 120
-        while not (tmp / "train_003.bin").exists():  # the writer is between shards
+        while not (work / shard).exists():  # the writer is between shards
             assert proc.poll() is None and time.time() < deadline, "prepare ended before it could be killed"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
@@ -128,11 +130,57 @@ def test_sigkill_mid_write_leaves_no_accepted_dataset(tmp_path, tiny_text):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert (tmp / "train_000.bin").exists() and not (tmp / "meta.json").exists()
+    return work
+
+
+def test_sigkill_mid_prepare_resumes_to_the_same_bytes(tmp_path, tiny_text, capsys):
+    """A real prepare process, killed with SIGKILL between two shards, leaves nothing that is accepted; the
+    same command again continues after the last complete shard and gives the bytes of an uninterrupted run."""
+    args = ["--dataset", "x", "--input", tiny_text, "--tokenizer", "char", "--shard_size", "400"]
+    load_cli().main([*map(str, args), "--data_dir", str(tmp_path / "ref")])  # uninterrupted
+    d = tmp_path / "d"
+    work = kill_prepare_after_shard(d, args, "train_003.bin")
+    assert (work / "train_000.bin").exists() and not (work / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         TokenShards(d)
-    prepare_dataset("x", data_dir=d, inputs=[str(tiny_text)], tokenizer="char")  # a complete re-run
-    assert TokenShards(d).num_tokens > 0 and not tmp.exists()  # the killed run's leftovers are cleaned up
+    kept = {f: (work / f).stat().st_ino for f in ("train_000.bin", "train_003.bin")}
+    capsys.readouterr()
+    load_cli().main([*map(str, args), "--data_dir", str(d)])
+    assert "resuming the prepare" in capsys.readouterr().out
+    assert {f: (d / f).stat().st_ino for f in kept} == kept  # the shards done before the kill were kept
+    assert all_files(d) == all_files(tmp_path / "ref") and not work.exists()
+
+
+@pytest.mark.parametrize("kill_after", ["train_002.bin", "meta.json"])  # mid-prep; at the swap
+def test_sigkill_mid_overwrite_keeps_the_old_dataset_trainable(tmp_path, tiny_text, kill_after):
+    """prepare --overwrite into an existing data_dir, killed mid-prep or just before the new dataset takes
+    its place: the old dataset is untouched, loads and trains; the re-run then replaces it."""
+    d = tmp_path / "d"
+    prepare_dataset("x", data_dir=d, inputs=[str(tiny_text)], tokenizer="char")
+    old = all_files(d)
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_text.read_text(encoding="utf-8").upper(), encoding="utf-8")
+    args = ["--dataset", "y", "--input", other, "--tokenizer", "char", "--shard_size", "300", "--overwrite"]
+    (d / "notes.txt").write_text("mine")
+    kill_prepare_after_shard(d, args, kill_after)
+    assert {k: v for k, v in all_files(d).items() if k != "notes.txt"} == old
+    assert TokenShards(d).num_tokens == read_meta(d)["splits"]["train"]["num_tokens"]
+    if kill_after == "meta.json":
+        check_trains(d, tmp_path / "out")
+    load_cli().main([*map(str, args), "--data_dir", str(d)])
+    assert read_meta(d)["dataset"] == "y" and TokenShards(d).vocab_size == len(set(other.read_text()))
+    assert (d / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".d.*"))
+
+
+def check_trains(d, out):
+    """examples/train.py trains a tiny model on data_dir d for 2 iterations and evaluates it."""
+    train = Path(__file__).resolve().parent.parent / "examples" / "train.py"
+    run = subprocess.run([sys.executable, str(train), f"--data_dir={d}", f"--out_dir={out}",
+                          "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
+                          "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--cpu=true",
+                          "--mixed_precision=no", "--compile=false"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "val loss" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    return run.stdout
 
 
 def test_interrupted_rerun_keeps_the_old_dataset(tmp_path, tiny_text, monkeypatch):
