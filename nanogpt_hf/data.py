@@ -425,7 +425,7 @@ class ShardWriter:
     def write(self, flat, lens, ends, first_item, first_offset):
         """flat: the tokens of rows first_item, first_item+1, ... (lens each; the first row's first
         first_offset tokens were written before)."""
-        cum, pos = np.cumsum(lens), 0
+        cum, pos, docs = np.cumsum(lens), 0, self.state["documents"]  # documents complete before this batch
         while pos < len(flat):
             if self.f is None:
                 self._open()
@@ -436,9 +436,9 @@ class ShardWriter:
             if self.n == self.shard_size:
                 k = int(np.searchsorted(cum, pos, side="right"))  # rows written completely
                 self._finish(first_item + k, pos - (int(cum[k - 1]) if k else -first_offset),
-                             self.state["documents"] + int(ends[:k].sum()))
+                             docs + int(ends[:k].sum()))
                 time.sleep(self.sleep)  # test hook (SLEEP_ENV): a kill lands between two shards
-        self.state["documents"] += int(ends.sum())  # kept in memory; saved with the next shard
+        self.state["documents"] = docs + int(ends.sum())  # kept in memory; saved with the next shard
 
     def close(self, next_item):
         if self.f is not None:
