@@ -308,3 +308,58 @@ def test_a_split_larger_than_1gb_is_memory_mapped(tmp_path):
     assert xb.shape == (64, 1024) and torch.equal(xb[:, 1:], yb[:, :-1])
     ds.check_vocab(1000)
     assert rss() - before < 200 * 2**20
+
+
+# -----------------------------------------------------------------------------
+# FineWeb recipes, offline: a local folder laid out like the Hub repos, with their columns
+
+FINEWEB_README = """---
+configs:
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+"""
+
+
+def fineweb_standin(root, docs, edu=True):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "sample" / "10BT").mkdir(parents=True)
+    (root / "README.md").write_text(FINEWEB_README)
+    n = len(docs)
+    columns = dict(text=docs, id=[f"<urn:uuid:{i}>" for i in range(n)], dump=["CC-MAIN-2024-10"] * n,
+                   url=[f"https://example.com/{i}" for i in range(n)], date=["2024-02-20T00:00:00Z"] * n,
+                   file_path=["s3://commoncrawl/x.warc.gz"] * n, language=["en"] * n,
+                   language_score=[0.9] * n, token_count=[len(d.split()) for d in docs])
+    if edu:
+        columns.update(score=[3.1] * n, int_score=[3] * n)
+    half = n // 2  # two parquet files, read in order
+    pq.write_table(pa.table({k: v[:half] for k, v in columns.items()}), root / "sample/10BT/000_00000.parquet")
+    pq.write_table(pa.table({k: v[half:] for k, v in columns.items()}), root / "sample/10BT/001_00000.parquet")
+
+
+@pytest.mark.parametrize("recipe, fmt", [("fineweb_edu10B", "nanogpt"), ("fineweb10B", "llmc")])
+def test_fineweb_recipes_on_a_local_standin(tmp_path, tiktoken_cache, recipe, fmt):
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    docs = [make_text(200 + 37 * i, seed=i) for i in range(40)]
+    fineweb_standin(tmp_path / "hub", docs, edu=recipe == "fineweb_edu10B")
+    d = tmp_path / recipe
+    meta = prepare_dataset(recipe, hf_dataset=str(tmp_path / "hub"), data_dir=d, val_tokens=1000, shard_size=3000,
+                           format=fmt)
+    assert meta["source"] == f"{tmp_path / 'hub'} (sample-10BT)" and meta["tokenizer"] == "gpt2"
+    val_docs, train_docs = meta["splits"]["val"]["num_documents"], meta["splits"]["train"]["num_documents"]
+    assert val_docs + train_docs == len(docs) and len(meta["splits"]["train"]["shards"]) > 1
+    expected = {}
+    for split, part in (("val", docs[:val_docs]), ("train", docs[val_docs:])):  # in stream order, like llm.c
+        ids = [t for doc in part for t in ([50256] if fmt == "llmc" else []) + enc.encode_ordinary(doc)
+               + ([] if fmt == "llmc" else [50256])]
+        expected[split] = ids
+        assert np.concatenate(TokenShards(d, split).shards).tolist() == ids
+    assert len(expected["val"]) >= 1000 > len(expected["val"]) - len(enc.encode_ordinary(docs[val_docs - 1])) - 1
+    if fmt == "llmc":
+        assert sorted(p.name for p in d.glob("*_val_*.bin")) == ["fineweb10B_val_000000.bin"]
