@@ -266,14 +266,15 @@ def _permuted_split(n, val_fraction, seed, source):
     return split["train"]["i"], split["test"]["i"]
 
 
-def _scan_file(path):
-    """One streaming pass over a local input: (number of characters, distinct characters); refuses empty
-    and non-UTF-8 files before any tokenizing starts."""
-    n, found, blank = 0, set(), True
+def _scan_file(path, chars=False):
+    """One streaming pass over a local input: (number of characters, its distinct characters if chars else
+    None); refuses empty and non-UTF-8 files before any tokenizing starts."""
+    n, found, blank = 0, set() if chars else None, True
     for piece in iter_text(path):
         n += len(piece)
-        found.update(piece)
-        blank = blank and not piece.strip()
+        if chars:
+            found.update(piece)
+        blank = blank and piece.isspace()
     if blank:
         raise ValueError(f"input file {path} is empty (--input)")
     return n, found
@@ -582,8 +583,6 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
     Memory stays bounded whatever the input size: local files are read as a stream, Hub datasets are
     memory-mapped (or streamed), tokens go to disk a batch at a time. A killed run resumes from its last
     complete shard when run again with the same arguments."""
-    import datasets
-
     t0 = time.time()
     recipe = BUILTIN.get(dataset, {})
     if not recipe and not inputs and not hf_dataset:
@@ -640,9 +639,9 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
     else:
         paths = resolve_inputs(inputs or recipe["inputs"], data_dir)
         source = " ".join(inputs or recipe["inputs"])
-        scans = [_scan_file(p) for p in paths]  # validates every file before the first token
+        scans = [_scan_file(p, chars=tokenizer == "char") for p in paths]  # validates every file first
         fingerprint = _fingerprint(paths)
-        text_chars = set().union(*(found for _, found in scans))
+        text_chars = set().union(*(found or () for _, found in scans))
         if len(paths) == 1:  # one text: the first (1 - val_fraction) of its characters is train, like nanoGPT
             total, path = scans[0][0], paths[0]
             n = int(total * (1 - val_fraction))
@@ -705,7 +704,7 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
     global _ENCODER
     before = format == "llmc"  # llm.c puts the separator before each document, nanoGPT after
     _ENCODER = (kind, arg, eot, before, dtype)
-    chunk = kind != "hf"  # a Hugging Face tokenizer's pre-tokenizer may not split where we cut: whole documents
+    chunk = kind != "hf" or not by_documents  # HF pre-tokenizers may not split where we cut: whole documents
     pool = None
     if kind == "gpt2" and num_proc > 1:
         import multiprocessing
