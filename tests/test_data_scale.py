@@ -363,3 +363,23 @@ def test_fineweb_recipes_on_a_local_standin(tmp_path, tiktoken_cache, recipe, fm
     assert len(expected["val"]) >= 1000 > len(expected["val"]) - len(enc.encode_ordinary(docs[val_docs - 1])) - 1
     if fmt == "llmc":
         assert sorted(p.name for p in d.glob("*_val_*.bin")) == ["fineweb10B_val_000000.bin"]
+
+
+def test_fineweb_config_is_the_llmc_schedule():
+    from nanogpt_hf.train_config import parse_config
+
+    cfg = parse_config([str(ROOT / "examples/configs/train_gpt2_fineweb.yaml")])
+    assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * 8 == 524_288  # 8 GPUs
+    assert (cfg.n_layer, cfg.n_embd, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters) == (12, 768, 6e-4, 715, 19073)
+    assert cfg.data_dir == "data/fineweb_edu10B"
+
+
+def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken_cache):
+    from nanogpt_hf.benchmark import bench_prepare, format_prepare
+
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(30_000, seed=5), encoding="utf-8")
+    r = bench_prepare(text, tmp_path, num_proc=2, repeats=1)
+    lines = format_prepare(r).splitlines()
+    assert len(lines) == 2 and all("ratio" in x and "(target >= 0.9x)" in x and "bare" in x for x in lines)
+    assert r["tokenizers"]["gpt2"]["tokens"] == r["tokenizers"]["hf"]["tokens"] > 0  # the same BPE both ways
