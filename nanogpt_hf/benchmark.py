@@ -422,7 +422,8 @@ def bench_prepare(text_file, root, num_proc=None, repeats=3, tokenizers=("gpt2",
     gpt2_tokenizer().save_pretrained(hf_dir)
     backend = gpt2_tokenizer().backend_tokenizer
     bare = {"gpt2": lambda rows: enc.encode_ordinary_batch(rows, num_threads=num_proc),
-            "hf": lambda rows: [e.ids for e in backend.encode_batch(rows, add_special_tokens=False)]}
+            "hf": lambda rows: [e.ids for e in getattr(backend, "encode_batch_fast", backend.encode_batch)(
+                rows, add_special_tokens=False)]}
     out = dict(text=str(text_file), mb=Path(text_file).stat().st_size / 1e6, num_proc=num_proc, tokenizers={})
     for name in tokenizers:
         spec = "gpt2" if name == "gpt2" else str(hf_dir)
@@ -444,7 +445,7 @@ def bench_prepare(text_file, root, num_proc=None, repeats=3, tokenizers=("gpt2",
 def format_prepare(r):
     lines = []
     for name, v in r["tokenizers"].items():
-        bare = "tiktoken encode_ordinary_batch" if name == "gpt2" else "tokenizers encode_batch"
+        bare = "tiktoken encode_ordinary_batch" if name == "gpt2" else "tokenizers encode_batch(_fast)"
         label = "GPT-2 tiktoken" if name == "gpt2" else "GPT-2 HF tokenizers"
         lines.append(f"prepare     {label}, {r['mb']:.0f} MB, {v['tokens']:,} tokens, {r['num_proc']} process(es): "
                      f"prepare.py {v['ours'] / 1e6:.2f} M tok/s | bare {bare} {v['bare'] / 1e6:.2f} M tok/s | "

@@ -1,7 +1,7 @@
 """
-Token shards, nanoGPT-style: text -> datasets.map(tokenize) -> train_000.bin, val_000.bin ... (raw uint16 or
-uint32 token ids, one long stream per split) + meta.json + tokenizer/ (Hugging Face format), and the reader
-that serves random (x, y) windows from them through np.memmap.
+Token shards, nanoGPT-style: text -> tokenizer -> train_000.bin, val_000.bin ... (raw uint16 or uint32 token ids,
+one long stream per split) + meta.json + tokenizer/ (Hugging Face format), and the reader that serves random
+(x, y) windows from them through np.memmap. Also reads (and with format="llmc" writes) llm.c's shards.
 
     python examples/prepare.py --dataset shakespeare_char        # -> data/shakespeare_char/
 
@@ -9,12 +9,19 @@ that serves random (x, y) windows from them through np.memmap.
     ds = TokenShards("data/shakespeare_char", split="train")
     x, y = ds.get_batch(batch_size=12, block_size=64, step=0)   # (12, 64) int64 each, y = x shifted by one
 
+Preparing streams: local files are read a few MB at a time and cut into rows at whitespace (the GPT-2 tokens of
+the whole text), Hub datasets are memory-mapped or streamed, and tokens go to disk a batch at a time, so memory
+does not grow with the input. Shards are committed one by one into .NAME.partial/ (progress.json says what is
+done, so a killed prepare resumes there); the finished dataset then replaces data_dir in one rename.
+
 Layout of a data_dir (meta.json is written last: a data_dir without it is not a dataset):
     meta.json     format_version, dataset, source, tokenizer, vocab_size, dtype, split_by, eot_token_id (the id
                   appended after every document; null for one-text datasets and char level), splits
-                  {train: {num_tokens, shards: [{file, num_tokens, bytes}, ...]}, val: ...}
+                  {train: {num_tokens, shards: [{file, num_tokens, bytes, max_token_id}, ...]}, val: ...}
     tokenizer/    AutoTokenizer.from_pretrained(data_dir + "/tokenizer") works
     train_000.bin train_001.bin ... val_000.bin   each at most shard_size tokens; read them as one stream
+With format "llmc" (format_version 2): NAME_train_000000.bin ... with llm.c's 1 KB header, the EOT before each
+document (eot_position "before"). A folder of llm.c shards without meta.json reads as GPT-2 tokens.
 """
 
 import collections
@@ -176,7 +183,7 @@ def stdlib_files(max_bytes=DEFAULT_MAX_BYTES):
 
 
 def chunk_text(text, size=CHUNK_CHARS):
-    """Cut one long text into rows of ~size chars so that datasets.map can work on it in parallel and in
+    """Cut one long text into rows of ~size chars so that the tokenizer can work on it in parallel and in
     bounded memory. Each cut goes just before a space/newline that follows a non-space character: GPT-2's
     pre-tokenizer always splits there, so BPE gives exactly the tokens of the whole text (and char-level
     tokenization does not care)."""
@@ -301,6 +308,10 @@ def _encode_batch(batch):
             ids = [_tiktoken.encode_to_numpy(t, disallowed_special=()) for t in texts]
         else:
             ids = [np.array(_tiktoken.encode_ordinary(t), dtype) for t in texts]
+    elif hasattr(arg, "backend_tokenizer"):  # a fast tokenizer: its Rust batch encode, what __call__ runs
+        backend = arg.backend_tokenizer
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers 0.21)
+        ids = [np.asarray(e.ids, dtype) for e in encode(texts, add_special_tokens=False)]
     else:
         ids = [np.asarray(x, dtype) for x in arg(texts, add_special_tokens=False)["input_ids"]]
     if eot is None:
