@@ -7,7 +7,6 @@ and the FineWeb recipes on a local stand-in with the Hub's layout and columns.
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys

@@ -1,4 +1,5 @@
-"""examples/prepare.py: downloads, one-line errors for bad input, and atomicity under SIGKILL.
+"""examples/prepare.py: downloads, one-line errors for bad input, and atomicity when interrupted (under SIGKILL:
+tests/test_data_scale.py).
 
     python -m pytest tests/test_prepare_cli.py -q
 """
@@ -7,13 +8,8 @@ import functools
 import http.server
 import importlib.util
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
