@@ -382,3 +382,28 @@ def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken
     lines = format_prepare(r).splitlines()
     assert len(lines) == 2 and all("ratio" in x and "(target >= 0.9x)" in x and "bare" in x for x in lines)
     assert r["tokenizers"]["gpt2"]["tokens"] == r["tokenizers"]["hf"]["tokens"] > 0  # the same BPE both ways
+
+
+def test_a_streamed_prepare_resumes_to_the_same_bytes(tmp_path, tiktoken_cache, monkeypatch):
+    """Interrupted in train (after val, whose document count tells train where to start), then run again."""
+    import nanogpt_hf.data as data
+
+    fineweb_standin(tmp_path / "hub", [make_text(300 + 41 * i, seed=i) for i in range(30)])
+    args = dict(hf_dataset=str(tmp_path / "hub"), val_tokens=800, shard_size=1500)
+    prepare_dataset("fineweb_edu10B", data_dir=tmp_path / "ref", **args)
+    calls = []
+
+    def interrupt(seconds):
+        calls.append(seconds)
+        if len(calls) == 2:  # after train's second shard (val, shorter than a shard, is complete)
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv(SLEEP_ENV, "0.001")
+    monkeypatch.setattr(data.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset("fineweb_edu10B", data_dir=tmp_path / "d", **args)
+    monkeypatch.undo()
+    progress = json.loads((tmp_path / ".d.partial" / "progress.json").read_text())
+    assert progress["splits"]["val"]["done"] and len(progress["splits"]["train"]["shards"]) == 2
+    prepare_dataset("fineweb_edu10B", data_dir=tmp_path / "d", **args)
+    assert all_files(tmp_path / "d") == all_files(tmp_path / "ref")
