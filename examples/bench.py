@@ -23,8 +23,8 @@ seed, their iterations alternating in one process, and prints the iterations and
 each took to bring nanoGPT's val loss estimate (train.py's "val loss") to --target_loss, the exact loss over the
 whole val split there, and the ratios to the first run. --what prepare: examples/prepare.py's tokens/s (end to end)
 next to the bare tokenizer's batch encode of the same text on all cores (tiktoken encode_ordinary_batch; HF
-tokenizers encode_batch) writing one uint16 array, alternating, median of --prepare_repeats. Timings on a busy machine are noisy: use --iters, and
-compare only numbers from the same run.
+tokenizers encode_batch) writing one uint16 array, alternating, median of --prepare_repeats. Timings on a busy
+machine are noisy: use --iters, and compare only numbers from the same run.
 """
 
 import argparse

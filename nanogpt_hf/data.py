@@ -622,7 +622,8 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
                              f"{old.get('tokenizer')!r}, not {dataset!r} with {tokenizer!r}; choose another "
                              "--data_dir or pass --overwrite")
 
-    # 1) text -> per split, a callable giving its documents (str, or a callable streaming a big file's text)
+    # 1) text -> per split, a callable giving its documents (str, or a callable streaming a big file's text);
+    #    its argument: progress.json's splits (a streamed train split starts after val's documents)
     hf_dataset = hf_dataset or (None if inputs else recipe.get("hf_dataset"))
     streaming = recipe.get("streaming", False) if streaming is None else streaming
     limits, fingerprint, text_chars = {}, None, None
@@ -632,20 +633,20 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         ds = load_hub_dataset(hf_dataset, hf_config, hf_split, hf_revision, text_column, streaming)
         if streaming:  # like llm.c: the first val_tokens tokens' worth of documents are val, the rest train
             limits["val"] = val_tokens or recipe.get("val_tokens") or DEFAULT_VAL_TOKENS
-            skip = lambda: progress["splits"]["val"]["documents"]  # noqa: E731  known once val is written
-            splits = {"val": lambda: (r["text"] for r in ds), "train": lambda: (r["text"] for r in ds.skip(skip()))}
+            splits = {"val": lambda done: (r["text"] for r in ds),  # train starts after val's documents:
+                      "train": lambda done: (r["text"] for r in ds.skip(done["val"]["documents"]))}
         else:
             if len(ds) < 2:
                 raise ValueError(f"{source} has {len(ds)} document(s): too few to split into train and val")
             parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
             rows = lambda d: (t for b in d.iter(batch_size=1000) for t in b["text"])  # noqa: E731
-            splits = {"train": lambda: rows(parts["train"]), "val": lambda: rows(parts["test"])}
+            splits = {"train": lambda done: rows(parts["train"]), "val": lambda done: rows(parts["test"])}
         by_documents = True
     elif recipe.get("stdlib"):
         root, docs = stdlib_files(max_bytes)
         source = f"{root}/**/*.py (Python {sys.version.split()[0]}, {len(docs)} files)"
         train, val = _permuted_split(len(docs), val_fraction, seed, source)
-        splits = {"train": lambda: (docs[i] for i in train), "val": lambda: (docs[i] for i in val)}
+        splits = {"train": lambda done: (docs[i] for i in train), "val": lambda done: (docs[i] for i in val)}
         by_documents = True
     else:
         paths = resolve_inputs(inputs or recipe["inputs"], data_dir)
@@ -659,18 +660,18 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
             if n == 0 or n == total:
                 raise ValueError(f"{source} is too short to split with --val_fraction {val_fraction} "
                                  f"({total} characters)")
-            splits = {"train": lambda: [lambda: _chars(iter_text(path), 0, n)],
-                      "val": lambda: [lambda: _chars(iter_text(path), n)]}
+            splits = {"train": lambda done: [lambda: _chars(iter_text(path), 0, n)],
+                      "val": lambda done: [lambda: _chars(iter_text(path), n)]}
             by_documents = False
         else:  # several files: each one is a document, split by documents like openwebtext
             train, val = _permuted_split(len(paths), val_fraction, seed, source)
             doc = lambda i: functools.partial(iter_text, paths[i])  # noqa: E731
-            splits = {"train": lambda: map(doc, train), "val": lambda: map(doc, val)}
+            splits = {"train": lambda done: map(doc, train), "val": lambda done: map(doc, val)}
             by_documents = True
 
     # 2) the tokenizer (char level: the distinct characters of all the text, one more streaming pass)
     def all_chars():
-        return text_chars if text_chars is not None else {c for docs in splits.values() for d in docs()
+        return text_chars if text_chars is not None else {c for docs in splits.values() for d in docs(None)
                                                          for piece in _doc_pieces(d) for c in set(piece)}
 
     if "val" in limits and tokenizer == "char":
@@ -692,6 +693,33 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
     work = _partial_dir(data_dir)
     work.mkdir(exist_ok=True)
     lock = _lock(work)
+    try:
+        split_info, meta = _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, kind, arg,
+                                          eot, dtype, format, num_proc, batch_chars, shard_size)
+    except ValueError:  # bad input, not an interruption: nothing worth resuming
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+    dt = time.time() - t0
+    total = sum(info["num_tokens"] for info in split_info.values())
+    print(f"prepared {dataset} in {data_dir}: tokenizer {tokenizer}, vocab_size {vocab_size}, {dtype}, "
+          f"{num_proc} process(es)")
+    for s, info in split_info.items():
+        nbytes = sum(sh["bytes"] for sh in info["shards"])
+        print(f"  {s:5s} {info['num_tokens']:>14,} tokens  {nbytes / 1e6:10.2f} MB  {len(info['shards'])} shard(s)")
+    print(f"  {dt:.1f} s, {total / dt:,.0f} tokens/s")
+    return meta
+
+
+def _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, kind, arg, eot, dtype, format,
+                   num_proc, batch_chars, shard_size):
+    """The shards of every split into work/ (resuming what progress.json lists), then tokenizer/ and meta.json,
+    then work/ into place: (split_info, meta)."""
+    dataset, source, tokenizer = request["dataset"], request["source"], request["tokenizer"]
+    val_fraction, seed, vocab_size = request["val_fraction"], request["seed"], request["vocab_size"]
     try:
         progress = json.loads((work / PROGRESS_FILE).read_text())
     except (OSError, ValueError):
@@ -726,7 +754,7 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         for split, state in progress["splits"].items():
             if not state["done"]:
                 writer = ShardWriter(work, split, state, progress, dtype, shard_size, format, dataset)
-                write_split(iter_items(splits[split](), chunk), writer, pool, 2 * num_proc,
+                write_split(iter_items(splits[split](progress["splits"]), chunk), writer, pool, 2 * num_proc,
                             max(batch_chars, num_proc * CHUNK_CHARS), limits.get(split))
     finally:
         _ENCODER = None
@@ -752,18 +780,7 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         meta["unk_char"] = default_unk_char(char_vocab(tok))  # what unknown characters are encoded as
     (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _commit(work, data_dir)
-    if lock is not None:
-        lock.close()
-
-    dt = time.time() - t0
-    total = sum(info["num_tokens"] for info in split_info.values())
-    print(f"prepared {dataset} in {data_dir}: tokenizer {tokenizer}, vocab_size {vocab_size}, {dtype}, "
-          f"{num_proc} process(es)")
-    for s, info in split_info.items():
-        nbytes = sum(sh["bytes"] for sh in info["shards"])
-        print(f"  {s:5s} {info['num_tokens']:>14,} tokens  {nbytes / 1e6:10.2f} MB  {len(info['shards'])} shard(s)")
-    print(f"  {dt:.1f} s, {total / dt:,.0f} tokens/s")
-    return meta
+    return split_info, meta
 
 
 # -----------------------------------------------------------------------------
@@ -775,7 +792,8 @@ def llmc_meta(data_dir):
     20240520, version 1 and the token count, then uint16 GPT-2 tokens) -> the meta.json it would have, or
     None when the folder holds no such shards."""
     data_dir = Path(data_dir)
-    files = {s: sorted(p for p in data_dir.glob(f"*_{s}_*.bin") if LLMC_FILE.fullmatch(p.name)) for s in ("train", "val")}
+    files = {s: sorted(p for p in data_dir.glob(f"*_{s}_*.bin") if LLMC_FILE.fullmatch(p.name))
+             for s in ("train", "val")}
     if not any(files.values()):
         return None
     splits = {}
@@ -794,9 +812,10 @@ def llmc_meta(data_dir):
         _ANNOUNCED.add(data_dir.resolve())
         print(f"{data_dir}: llm.c token shards without meta.json; assuming the GPT-2 tokenizer "
               f"(vocab_size {LLMC_VOCAB_SIZE}, <|endoftext|> {GPT2_EOT} before each document)")
-    return dict(format_version=FORMAT_VERSION, format="llmc", dataset=data_dir.name, source=f"llm.c shards in {data_dir}",
-                tokenizer="gpt2", vocab_size=LLMC_VOCAB_SIZE, eot_token_id=GPT2_EOT, eot_position="before",
-                dtype="uint16", split_by="documents", splits={s: v for s, v in splits.items() if v["shards"]})
+    return dict(format_version=FORMAT_VERSION, format="llmc", dataset=data_dir.name,
+                source=f"llm.c shards in {data_dir}", tokenizer="gpt2", vocab_size=LLMC_VOCAB_SIZE,
+                eot_token_id=GPT2_EOT, eot_position="before", dtype="uint16", split_by="documents",
+                splits={s: v for s, v in splits.items() if v["shards"]})
 
 
 _ANNOUNCED = set()  # llm.c folders whose "GPT-2 assumed" line was printed

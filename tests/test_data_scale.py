@@ -35,6 +35,14 @@ def prepare_cli(*argv):
     subprocess.run([sys.executable, str(PREPARE), *map(str, argv)], check=True, capture_output=True, timeout=300)
 
 
+def committed(work, name):
+    """name is in work/ and, for a shard, listed in progress.json (renamed first, recorded right after)."""
+    try:
+        return (work / name).exists() and (name == "meta.json" or f'"{name}"' in (work / "progress.json").read_text())
+    except FileNotFoundError:
+        return False
+
+
 def kill_prepare_after(d, argv, name):
     """Run prepare.py into d as a real process; SIGKILL it once `name` exists in .d.partial/ (a shard is
     complete, or meta.json: the new dataset is about to replace the old one)."""
@@ -44,7 +52,7 @@ def kill_prepare_after(d, argv, name):
     work = d.parent / f".{d.name}.partial"
     try:
         deadline = time.time() + 120
-        while not (work / name).exists():  # the writer is between shards
+        while not committed(work, name):  # the writer is between shards
             assert proc.poll() is None and time.time() < deadline, "prepare ended before it could be killed"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
@@ -232,7 +240,8 @@ def test_token_ids_beyond_the_model_vocab_are_refused_at_start(tmp_path, char_da
             (bad / f.name).write_bytes(f.read_bytes())
     meta["splits"]["val"]["shards"][0]["max_token_id"] = 65535
     (bad / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=f"val_000.bin holds token id 65535, beyond the model's vocab_size {ds.vocab_size}"):
+    with pytest.raises(ValueError, match=f"val_000.bin holds token id 65535, beyond the model's vocab_size "
+                                         f"{ds.vocab_size}"):
         TokenShards(bad).check_vocab(ds.vocab_size)
     for split in meta["splits"].values():  # a data_dir prepared before max_token_id existed: not checked
         for s in split["shards"]:
