@@ -153,7 +153,7 @@ def test_rerun_is_idempotent_and_keeps_other_files(tmp_path, tiny_text):
     assert all_files(d) == first
     prepare_dataset("tiny", shard_size=10**6, **args)  # fewer shards: the old ones must go
     assert sorted(p.name for p in d.glob("*.bin")) == ["train_000.bin", "val_000.bin"]
-    assert (d / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".d.tmp-*"))
+    assert (d / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".d.*"))
 
 
 # -----------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_text):
     (tmp_path / "short.txt").write_text("a")
     assert "too short" in cli_error("--dataset", "x", "--input", tmp_path / "short.txt", "--data_dir", d)
     assert not d.exists() or not (d / "meta.json").exists()
-    assert not list(tmp_path.glob(".d.tmp-*"))  # failed runs clean up after themselves
+    assert not list(tmp_path.glob(".d.*"))  # failed runs clean up after themselves
 
 
 def test_refuses_a_data_dir_prepared_with_another_tokenizer(tmp_path, tiny_text, tiktoken_cache):
