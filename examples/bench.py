@@ -6,6 +6,7 @@ Benchmarks (nanoGPT's bench.py, plus the comparisons of the README's Performance
     python examples/bench.py --what generate               # tokens/s with/without KV cache, shakespeare_char shape
     python examples/bench.py --what generate --gen_shape gpt2 --gen_tokens 255   # at 124M (slow on CPU)
     python examples/bench.py --what data --data_dir data/shakespeare_char
+    python examples/bench.py --what prepare --text data/shakespeare/input.txt --prepare_mb 50   # vs bare tiktoken
     python examples/bench.py --preset gpt2 --device cuda --dtype bfloat16 --compile --profile prof/
     python examples/bench.py --what time_to_loss            # AdamW vs Muon to val loss 1.88, shakespeare_char CPU run
     python examples/bench.py --what time_to_loss --runs examples/configs/shakespeare_char_cpu.yaml \
@@ -20,8 +21,10 @@ in a temp folder from --text or from Python's standard library. --what time_to_l
 (a train.py config and its flags, one quoted string per run) with the trainer's recipe, on the same data and
 seed, their iterations alternating in one process, and prints the iterations and seconds (training steps only)
 each took to bring nanoGPT's val loss estimate (train.py's "val loss") to --target_loss, the exact loss over the
-whole val split there, and the ratios to the first run. Timings on a busy machine are noisy: use --iters, and
-compare only numbers from the same run.
+whole val split there, and the ratios to the first run. --what prepare: examples/prepare.py's tokens/s (end to end)
+next to the bare tokenizer's batch encode of the same text on all cores (tiktoken encode_ordinary_batch; HF
+tokenizers encode_batch) writing one uint16 array, alternating, median of --prepare_repeats. Timings on a busy
+machine are noisy: use --iters, and compare only numbers from the same run.
 """
 
 import argparse
@@ -37,12 +40,12 @@ import torch
 import transformers
 
 from nanogpt_hf.benchmark import PRESETS, TARGET_LOSS, TIME_TO_LOSS_GOAL, Shape, bench_data, bench_generate, \
-    bench_time_to_loss, bench_train, describe_machine, format_data, format_generate, format_time_to_loss, \
-    format_train, prepare_bench_data
+    bench_prepare, bench_text, bench_time_to_loss, bench_train, describe_machine, format_data, format_generate, \
+    format_prepare, format_time_to_loss, format_train, prepare_bench_data
 from nanogpt_hf.evaluation import autocast_dtype, default_device
 from nanogpt_hf.train_config import parse_config
 
-WHAT = ("train", "generate", "data", "time_to_loss")
+WHAT = ("train", "generate", "data", "time_to_loss", "prepare")
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = [str(ROOT / "examples/configs" / name)  # --what time_to_loss: AdamW (the baseline), then Muon
         for name in ("shakespeare_char_cpu.yaml", "shakespeare_char_cpu_muon.yaml")]
@@ -51,7 +54,8 @@ RUNS = [str(ROOT / "examples/configs" / name)  # --what time_to_loss: AdamW (the
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="train,generate,data",
-                   help="comma-separated: train, generate, data, time_to_loss (minutes: not in the default)")
+                   help="comma-separated: train, generate, data, time_to_loss (minutes: not in the default), "
+                        "prepare (GPT-2 BPE over --text; not in the default)")
     p.add_argument("--preset", default="baby", choices=[*PRESETS, "custom"], help="shape of the train benchmark")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value (required with --preset custom)")
@@ -80,6 +84,10 @@ def parse_args(argv=None):
                                       "for every run of --what time_to_loss (default: the configs' data_dir)")
     p.add_argument("--text", help="text file for the temporary dataset (default: Python's standard library)")
     p.add_argument("--data_iters", type=int, default=1000, help="get_batch calls to average")
+    p.add_argument("--prepare_mb", type=float, default=20, help="--what prepare: MB of text (--text or Python's "
+                                                                "standard library, repeated or cut to this size)")
+    p.add_argument("--prepare_repeats", type=int, default=3, help="--what prepare: runs of each (median)")
+    p.add_argument("--num_proc", type=int, help="--what prepare: tokenizer processes (default: all cores)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; on a busy machine fewer threads than "
                                                "cores avoids thrashing)")
     p.add_argument("--runs", nargs="+", default=RUNS, metavar="'CONFIG.yaml [--key value ...]'",
@@ -178,6 +186,15 @@ def main(argv=None):
                 sys.exit(f"error: {e}")
         results["data"] = r
         print(format_data(r))
+    if "prepare" in what:
+        with tempfile.TemporaryDirectory(prefix="nanogpt_bench_prepare_") as tmp:
+            try:
+                text = bench_text(args.text, tmp, args.prepare_mb)
+                r = bench_prepare(text, tmp, num_proc=args.num_proc, repeats=args.prepare_repeats)
+            except (ValueError, OSError) as e:
+                sys.exit(f"error: {e}")
+        results["prepare"] = r
+        print(format_prepare(r))
     if "time_to_loss" in what:
         ttl_device = args.device or ("cpu" if any(cfg.cpu for cfg in runs.values()) else device)
         try:

@@ -4,11 +4,15 @@ Turn text into the token shards training reads: data_dir/{train,val}_000.bin + m
     python examples/prepare.py --dataset shakespeare_char            # char level, downloads tiny-shakespeare
     python examples/prepare.py --dataset shakespeare                 # same text, GPT-2 BPE (tiktoken)
     python examples/prepare.py --dataset python_char                 # offline: the Python stdlib's source
-    python examples/prepare.py --dataset openwebtext --num_proc 8    # GPT-2 BPE over OpenWebText from the Hub
+    python examples/prepare.py --dataset openwebtext                 # GPT-2 BPE over OpenWebText from the Hub
+    python examples/prepare.py --dataset fineweb_edu10B              # FineWeb-Edu sample-10BT, streamed (~10B tokens)
+    python examples/prepare.py --dataset fineweb10B --format llmc    # FineWeb sample-10BT as llm.c shards
     python examples/prepare.py --dataset mytext --input a.txt b/*.txt --tokenizer char
     python examples/prepare.py --dataset wiki --hf_dataset ID --hf_config C --text_column text --tokenizer gpt2
 
 No network? Pass the file yourself: --input path/to/input.txt (e.g. for shakespeare_char).
+Killed or interrupted? Run the same command again: it continues after the last complete shard.
+Memory stays bounded (a few hundred MB over the Python process) whatever the size of the input.
 """
 
 import argparse
@@ -17,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from nanogpt_hf.data import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, prepare_dataset
+from nanogpt_hf.data import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, \
+    prepare_dataset
 
 
 def parse_args(argv=None):
@@ -34,10 +39,17 @@ def parse_args(argv=None):
     p.add_argument("--hf_split", default="train", help="which split of it to read (default: train)")
     p.add_argument("--hf_revision", help="its revision (branch, tag or commit)")
     p.add_argument("--text_column", default="text", help="the column holding the text (default: text)")
-    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: 1 for local text, up to 8 for Hub)")
+    p.add_argument("--streaming", action="store_true", help="stream --hf_dataset instead of downloading it first "
+                                                            "(the fineweb recipes always stream)")
+    p.add_argument("--val_tokens", type=int, help="streamed datasets: the first documents, up to this many tokens, "
+                                                  f"are val (default {DEFAULT_VAL_TOKENS:,}, llm.c's first shard)")
+    p.add_argument("--format", default="nanogpt", choices=("nanogpt", "llmc"),
+                   help="shard files: nanogpt (train_000.bin: raw tokens, EOT after each document) or llmc "
+                        "(NAME_train_000000.bin: llm.c's 1 KB header, EOT before each document)")
+    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: all cores)")
     p.add_argument("--val_fraction", type=float, help="share of the text for validation (default: the dataset's, "
                                                       "0.1; openwebtext 0.0005)")
-    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="max tokens per .bin file")
+    p.add_argument("--shard_size", type=int, help=f"max tokens per .bin file (default {DEFAULT_SHARD_SIZE:,})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the document train/val split")
     p.add_argument("--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="python_char: bytes of source to read")
     p.add_argument("--overwrite", action="store_true", help="replace a data_dir prepared with another tokenizer")
@@ -51,7 +63,8 @@ def main(argv=None):
                         hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
                         hf_revision=args.hf_revision, text_column=args.text_column, val_fraction=args.val_fraction,
                         shard_size=args.shard_size, num_proc=args.num_proc, seed=args.seed,
-                        max_bytes=args.max_bytes, overwrite=args.overwrite)
+                        max_bytes=args.max_bytes, overwrite=args.overwrite, streaming=args.streaming or None,
+                        val_tokens=args.val_tokens, format=args.format)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         sys.exit(f"error: {e}")
 

@@ -153,7 +153,7 @@ def test_rerun_is_idempotent_and_keeps_other_files(tmp_path, tiny_text):
     assert all_files(d) == first
     prepare_dataset("tiny", shard_size=10**6, **args)  # fewer shards: the old ones must go
     assert sorted(p.name for p in d.glob("*.bin")) == ["train_000.bin", "val_000.bin"]
-    assert (d / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".d.tmp-*"))
+    assert (d / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".d.*"))
 
 
 # -----------------------------------------------------------------------------
@@ -222,8 +222,8 @@ def test_reader_validation(tmp_path, char_data_dir):
     d = tmp_path / "copy"
     shutil.copytree(char_data_dir, d)
     meta = json.loads((d / "meta.json").read_text())
-    (d / "meta.json").write_text(json.dumps(meta | {"format_version": 2}))
-    with pytest.raises(ValueError, match=r"prepared by a newer nanogpt_hf \(format 2\); upgrade"):
+    (d / "meta.json").write_text(json.dumps(meta | {"format_version": 3}))
+    with pytest.raises(ValueError, match=r"prepared by a newer nanogpt_hf \(format 3\); upgrade"):
         TokenShards(d)
     (d / "meta.json").write_text(json.dumps(meta | {"dtype": "float32"}))
     with pytest.raises(ValueError, match="unsupported dtype"):
