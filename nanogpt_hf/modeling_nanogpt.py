@@ -107,8 +107,9 @@ class TanhGELU(nn.Module):
     kernel: below ~16K elements the Python autograd.Function call (~15 us) costs more than it saves."""
 
     def forward(self, x):
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= 16384
-                and not torch.compiler.is_compiling()):
+        # is_compiling() first: a size test that dynamo sees would become a guard, and a recompile when B changes
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.numel() >= 16384):
             return _SigmoidTanhGELU.apply(x)
         return F.gelu(x, approximate="tanh")
 

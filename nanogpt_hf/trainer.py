@@ -384,7 +384,9 @@ def train(cfg: TrainConfig) -> dict:
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.out_dir,
         cpu=cfg.cpu,
-        **({"dynamo_backend": "inductor"} if cfg.compile else {}),
+        # compile: inductor, or the dynamo backend that `accelerate launch`'s config names (ACCELERATE_DYNAMO_BACKEND)
+        **({"dynamo_backend": "inductor"} if cfg.compile and os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
+           == "NO" else {}),
     )
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         # Accelerate leaves fp16 off on CPU, but torch has it there (autocast + GradScaler): switch it on, so
@@ -555,6 +557,9 @@ def train(cfg: TrainConfig) -> dict:
             # and the same global batch however it is split into processes and micro-steps
             x, y = train_data.get_batch(B, cfg.block_size, it, seed=cfg.seed, rank=micro_step * world + rank,
                                         world_size=accum * world, device=accelerator.device)
+            if cfg.compile and cfg.batch_size_warmup_iters:  # the ramp changes B: one graph, dynamic in B
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                torch._dynamo.maybe_mark_dynamic(y, 0)
             with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                 loss = model(x, shift_labels=y).loss
                 accelerator.backward(loss)  # scaled by 1/accum (and by the fp16 loss scale)
