@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -51,6 +52,7 @@ PRESETS = {
 TRAIN_TARGET = 1.30  # nanogpt_hf step must be >= 1.3x faster than GPT2LMHeadModel's at the baby shape (issue 1/5)
 CACHE_TARGET = 4.0  # generate with the KV cache >= 4x faster than without
 GPT2_GEN_TARGET = 1.0  # and not slower than GPT2LMHeadModel.generate with its cache
+SAMPLE_TARGET = 10.0  # sample.py's job >= 10x the tokens/s of nanoGPT's sample.py (issue 15)
 DATA_TARGET = 0.02  # get_batch < 2% of a train step
 TARGET_LOSS = 1.88  # time_to_loss: nanoGPT's val loss of its CPU baby run
 TIME_TO_LOSS_GOAL = 0.70  # Muon reaches TARGET_LOSS in <= 0.7x the wall time of our tuned AdamW (issue 18)
@@ -323,6 +325,97 @@ def bench_generate(shape, device="cpu", batch_sizes=(1, 8), new_tokens=255, repe
         times.update(time_alternating(uncached, nocache_repeats, 0, device))
         result["batches"][b] = {name: b * new_tokens / statistics.median(t) for name, t in times.items()}
     return result
+
+
+def _top_k_sample(logits, temperature, top_k):
+    """One token per row from the last position's logits, as nanoGPT samples: scale, keep the top k, draw."""
+    logits = logits / temperature
+    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+    return torch.multinomial(F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1), 1)
+
+
+@torch.no_grad()
+def nanogpt_sample_loop(model, idx, new_tokens, block_size, temperature=0.8, top_k=200):
+    """What nanoGPT's sample.py runs (its model.generate): no cache; before every token the context is cut to
+    its last block_size tokens and run through the whole model again."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -block_size:])
+        idx = torch.cat([idx, _top_k_sample(logits[:, -1], temperature, top_k)], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def bare_cached_loop(model, idx, new_tokens, limit, temperature=0.8, top_k=200):
+    """The least a cached sampler can do in Python: our modules and a DynamicCache, nothing of generate()
+    around them; the context cropped the way generate_cropped crops it (to limit // 2 when it is full)."""
+    from transformers.cache_utils import DynamicCache
+
+    out, feed, cache = idx, idx, None
+    for _ in range(new_tokens):
+        if cache is None or cache.get_seq_length() >= limit:
+            feed = out if out.size(1) < limit else out[:, -(limit // 2):]
+            cache = DynamicCache(config=model.config)
+        logits = model(feed, cache=cache, use_cache=True, logits_to_keep=1).logits
+        feed = _top_k_sample(logits[:, -1], temperature, top_k)
+        out = torch.cat([out, feed], dim=1)
+    return out
+
+
+def bench_sample(shape, device="cpu", num_samples=10, new_tokens=500, temperature=0.8, top_k=200, repeats=1,
+                 dtype=None, seed=1337, compile=True, reference=True):
+    """sample.py's job (num_samples x new_tokens from a 1-token prompt, top_k, temperature) in tokens/s, side by
+    side: our generate() (generate_cropped, dynamic cache), the same with a static cache (+ compiled decoding
+    step), the bare eager loop over our modules, and nanoGPT's sample.py loop (no cache) on the reference."""
+    from .evaluation import generate_cropped, static_decoding
+
+    models = build_models(shape, device, bias=False, reference=reference, seed=seed,
+                          activation=NanoGPTConfig().activation_function)  # the default of new models
+    ours = models[OURS][0].eval()
+    limit = shape.block_size
+    idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+    gen = dict(do_sample=True, temperature=temperature, top_k=top_k, pad_token_id=0)
+    static = static_decoding(ours, limit, compile=compile)
+    compile_s = time.perf_counter()
+    with torch.no_grad(), autocast(device, dtype):  # warm-up; with compile, the step is compiled here
+        generate_cropped(ours, idx, min(new_tokens, limit), limit, **gen, **static)
+    compile_s = time.perf_counter() - compile_s
+
+    def job(fn):
+        def run():
+            with torch.no_grad(), autocast(device, dtype):
+                for _ in range(num_samples):
+                    out = fn()
+                    assert out.shape == (1, 1 + new_tokens)
+        return run
+
+    fns = {f"{OURS} generate()": job(lambda: generate_cropped(ours, idx, new_tokens, limit, **gen)),
+           f"{OURS} generate(), static cache" + (" + compile" if compile else ""):
+               job(lambda: generate_cropped(ours, idx, new_tokens, limit, **gen, **static)),
+           "bare eager loop": job(lambda: bare_cached_loop(ours, idx, new_tokens, limit, temperature, top_k))}
+    if REF in models:
+        ref = models[REF][0].eval()
+        fns["nanoGPT sample.py loop"] = job(lambda: nanogpt_sample_loop(ref, idx, new_tokens, limit, temperature,
+                                                                         top_k))
+    times = time_alternating(fns, repeats, 0, device)
+    return dict(shape=asdict(shape), device=str(device), num_samples=num_samples, new_tokens=new_tokens,
+                top_k=top_k, temperature=temperature, repeats=repeats, compile=compile,
+                warmup_s=round(compile_s, 1),
+                tokens_per_s={name: num_samples * new_tokens / statistics.median(t) for name, t in times.items()})
+
+
+def format_sample(r):
+    shape, tps = Shape(**r["shape"]), r["tokens_per_s"]
+    out = [f"sample.py job: {shape.describe()}; {r['num_samples']} x {r['new_tokens']} tokens, top_k {r['top_k']}, "
+           f"T {r['temperature']}; device {r['device']}; median of {r['repeats']} (first call incl. compile: "
+           f"{r['warmup_s']} s)"]
+    out += [f"sample {name:<44} {v:8,.0f} tok/s" for name, v in tps.items()]
+    fast = max(v for name, v in tps.items() if name.startswith(OURS))
+    if "nanoGPT sample.py loop" in tps:
+        out.append(f"sample ratio: {OURS} (best) vs nanoGPT sample.py loop {fast / tps['nanoGPT sample.py loop']:.1f}x "
+                   f"(target >= {SAMPLE_TARGET:.0f}x)")
+    out.append(f"sample ratio: {OURS} generate() vs bare eager loop {tps[f'{OURS} generate()'] / tps['bare eager loop']:.2f}x"
+               f" (target >= 1.0x); best {fast / tps['bare eager loop']:.2f}x")
+    return "\n".join(out)
 
 
 def format_generate(r):
