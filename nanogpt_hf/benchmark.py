@@ -226,6 +226,47 @@ def bench_train(shape, device="cpu", iters=50, warmup=10, dtype=None, compile=Fa
     return result
 
 
+def bench_bf16(shapes, device="cpu", iters=10, warmup=2, seed=1337):
+    """Our train step (forward, backward, AdamW) in float32 and under bf16 autocast, alternating, per shape:
+    what `mixed_precision: auto` decides from (see train_config.resolve_mixed_precision)."""
+    from .train_config import cpu_bf16_matmul
+
+    result = dict(device=str(device), cpu_bf16=cpu_bf16_matmul(), iters=iters, warmup=warmup, shapes=[])
+    for shape in shapes:
+        torch.manual_seed(seed)
+        model = NanoGPTForCausalLM(NanoGPTConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                                                 block_size=shape.block_size, vocab_size=shape.vocab_size,
+                                                 bias=False, dropout=0.0)).to(device).train()
+        opt = make_optimizer(model, device)
+        data = torch.randint(shape.vocab_size, (shape.batch_size, shape.block_size + 1),
+                             generator=torch.Generator().manual_seed(seed)).to(device)
+        x, y = data[:, :-1], data[:, 1:]
+
+        def step(dtype):
+            def run():
+                with autocast(device, dtype):
+                    loss = model(x, shift_labels=y).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return run
+
+        times = time_alternating({"float32": step(None), "bf16": step(torch.bfloat16)}, iters, warmup, device)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        result["shapes"].append(dict(shape=asdict(shape), ms=ms, speedup=ms["float32"] / ms["bf16"]))
+    return result
+
+
+def format_bf16(r):
+    out = [f"bf16 autocast vs float32, train step of {OURS}; device {r['device']}; CPU bf16 matrix units: "
+           f"{r['cpu_bf16'] or 'none'}; median of {r['iters']}"]
+    for s in r["shapes"]:
+        shape = Shape(**s["shape"])
+        out.append(f"bf16 {shape.describe()}, batch {shape.batch_size}: float32 {s['ms']['float32']:,.1f} ms | "
+                   f"bf16 {s['ms']['bf16']:,.1f} ms | speedup {s['speedup']:.2f}x")
+    return "\n".join(out)
+
+
 def profile_step(step, device, out_dir, active=5):
     """torch.profiler trace of a few steps -> out_dir (open in Perfetto / chrome://tracing); returns its table."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler

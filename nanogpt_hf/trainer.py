@@ -49,7 +49,7 @@ from .configuration_nanogpt import NanoGPTConfig
 from .data import TokenShards
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .optim import build_optimizer, lr_scales, set_lr
-from .train_config import ARCHITECTURE, TrainConfig
+from .train_config import ARCHITECTURE, TrainConfig, resolve_mixed_precision
 
 EVAL_MICRO_STEP = 1  # training draws its batches with micro_step 0, evaluation from this separate stream
 CHECKPOINT_SLEEP_ENV = "NANOGPT_HF_CHECKPOINT_SLEEP"  # test hook "ITER:SECONDS": pause in iter ITER's checkpoint write
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig) -> dict:
     # -------------------------------------------------------------------------
     # setup: accelerator, seeds
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,  # None: whatever `accelerate launch` / its config says
+        mixed_precision=resolve_mixed_precision(cfg),  # None: whatever `accelerate launch` / its config says
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.out_dir,
