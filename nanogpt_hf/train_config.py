@@ -168,10 +168,10 @@ BF16_CPU_MIN_WIDTH, BF16_CPU_MIN_TOKENS = 256, 4096
 BF16_CPU_UNITS = ("amx", "avx512_bf16")
 
 
-def resolve_mixed_precision(cfg, cuda=None, cpu_bf16=None):
+def resolve_mixed_precision(cfg, cuda=None, cpu_bf16="detect"):
     """cfg.mixed_precision, with 'auto' decided: on a GPU bf16 where supported, else fp16 (nanoGPT's rule); on a
     CPU bf16 only with native bf16 matrix units (BF16_CPU_UNITS) at a shape where it measured faster, else 'no'.
-    cuda / cpu_bf16: the machine's capabilities (default: this one's)."""
+    cuda / cpu_bf16 (a cpu_bf16_matmul() answer): the machine's capabilities (default: this one's)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
     import torch
@@ -180,7 +180,7 @@ def resolve_mixed_precision(cfg, cuda=None, cpu_bf16=None):
         cuda = torch.cuda.is_available() and not cfg.cpu
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    units = cpu_bf16_matmul() if cpu_bf16 is None else cpu_bf16
+    units = cpu_bf16_matmul() if cpu_bf16 == "detect" else cpu_bf16
     big = cfg.n_embd >= BF16_CPU_MIN_WIDTH and cfg.batch_size * cfg.block_size >= BF16_CPU_MIN_TOKENS
     return "bf16" if units in BF16_CPU_UNITS and big else "no"
 
