@@ -59,9 +59,9 @@ def parse_args(argv=None):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value (required with --preset custom)")
     p.add_argument("--bias", action="store_true", help="give nanogpt_hf biases too (default: nanoGPT's bias=False)")
-    p.add_argument("--activation", default="gelu_new", choices=("gelu_new", "gelu"),
-                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu_new (GPT-2's tanh GELU, the "
-                        "default of both) or gelu (exact, as nanoGPT's model.py)")
+    p.add_argument("--activation", default="gelu", choices=("gelu_new", "gelu"),
+                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu (exact, as nanoGPT's model.py; "
+                        "train.py's default for new models) or gelu_new (GPT-2's tanh GELU)")
     p.add_argument("--gpt2_activation", choices=("gelu_new", "gelu", "gelu_pytorch_tanh"),
                    help="a different activation for GPT2LMHeadModel (default: --activation); gelu_pytorch_tanh: "
                         "the same tanh GELU as gelu_new in torch's one kernel instead of Python ops")

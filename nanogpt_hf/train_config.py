@@ -67,7 +67,7 @@ class TrainConfig:
     dropout: float = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
     bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     position_embedding: str = "learned"  # 'learned' (GPT-2) | 'alibi' | 'rope'
-    activation_function: str = "gelu_new"  # GPT-2's tanh GELU | 'gelu': nanoGPT's exact one (faster on CPU)
+    activation_function: str = "gelu"  # nanoGPT's exact GELU (faster on CPU) | 'gelu_new': GPT-2's tanh one
     vocab_multiple: int = 1  # round the model's vocab_size up to a multiple of this (64: GPT-2's 50257 -> 50304)
     # optimizer
     optimizer: str = "adamw"  # 'adamw' (nanoGPT) | 'muon': torch.optim.Muon for the blocks' matrices, AdamW the rest
