@@ -5,6 +5,8 @@ Benchmarks (nanoGPT's bench.py, plus the comparisons of the README's Performance
     python examples/bench.py --what train --iters 100      # nanogpt_hf vs GPT2LMHeadModel vs plain PyTorch
     python examples/bench.py --what generate               # tokens/s with/without KV cache, shakespeare_char shape
     python examples/bench.py --what generate --gen_shape gpt2 --gen_tokens 255   # at 124M (slow on CPU)
+    python examples/bench.py --what generate --sample_num 2   # + sample.py's job vs nanoGPT's sample.py loop
+    python examples/bench.py --what bf16                   # train step fp32 vs bf16 autocast, baby + shakespeare_char
     python examples/bench.py --what data --data_dir data/shakespeare_char
     python examples/bench.py --what prepare --text data/shakespeare/input.txt --prepare_mb 50   # vs bare tiktoken
     python examples/bench.py --preset gpt2 --device cuda --dtype bfloat16 --compile --profile prof/
@@ -39,13 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 import transformers
 
-from nanogpt_hf.benchmark import PRESETS, TARGET_LOSS, TIME_TO_LOSS_GOAL, Shape, bench_data, bench_generate, \
-    bench_prepare, bench_text, bench_time_to_loss, bench_train, describe_machine, format_data, format_generate, \
-    format_prepare, format_time_to_loss, format_train, prepare_bench_data
+from nanogpt_hf.benchmark import PRESETS, TARGET_LOSS, TIME_TO_LOSS_GOAL, Shape, bench_bf16, bench_data, \
+    bench_generate, bench_prepare, bench_sample, bench_text, bench_time_to_loss, bench_train, describe_machine, \
+    format_bf16, format_data, format_generate, format_prepare, format_sample, format_time_to_loss, format_train, \
+    prepare_bench_data
 from nanogpt_hf.evaluation import autocast_dtype, default_device
 from nanogpt_hf.train_config import parse_config
 
-WHAT = ("train", "generate", "data", "time_to_loss", "prepare")
+WHAT = ("train", "generate", "data", "time_to_loss", "prepare", "bf16")
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = [str(ROOT / "examples/configs" / name)  # --what time_to_loss: AdamW (the baseline), then Muon
         for name in ("shakespeare_char_cpu.yaml", "shakespeare_char_cpu_muon.yaml")]
@@ -54,15 +57,15 @@ RUNS = [str(ROOT / "examples/configs" / name)  # --what time_to_loss: AdamW (the
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="train,generate,data",
-                   help="comma-separated: train, generate, data, time_to_loss (minutes: not in the default), "
-                        "prepare (GPT-2 BPE over --text; not in the default)")
+                   help="comma-separated: train, generate, data, time_to_loss, bf16 (the last two take minutes), "
+                        "prepare (GPT-2 BPE over --text); the last three are not in the default")
     p.add_argument("--preset", default="baby", choices=[*PRESETS, "custom"], help="shape of the train benchmark")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value (required with --preset custom)")
     p.add_argument("--bias", action="store_true", help="give nanogpt_hf biases too (default: nanoGPT's bias=False)")
-    p.add_argument("--activation", default="gelu_new", choices=("gelu_new", "gelu"),
-                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu_new (GPT-2's tanh GELU, the "
-                        "default of both) or gelu (exact, as nanoGPT's model.py)")
+    p.add_argument("--activation", default="gelu", choices=("gelu_new", "gelu"),
+                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu (exact, as nanoGPT's model.py; "
+                        "train.py's default for new models) or gelu_new (GPT-2's tanh GELU)")
     p.add_argument("--gpt2_activation", choices=("gelu_new", "gelu", "gelu_pytorch_tanh"),
                    help="a different activation for GPT2LMHeadModel (default: --activation); gelu_pytorch_tanh: "
                         "the same tanh GELU as gelu_new in torch's one kernel instead of Python ops")
@@ -80,6 +83,12 @@ def parse_args(argv=None):
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generate calls with the cache (median)")
     p.add_argument("--gen_nocache_repeats", type=int, default=1,
                    help="timed calls without the cache (slow: batch 8 at 255 tokens takes minutes on a CPU)")
+    p.add_argument("--sample_num", type=int, default=10, help="--what generate: sample.py's job, this many samples")
+    p.add_argument("--sample_tokens", type=int, default=500, help="--what generate: ... of this many tokens each")
+    p.add_argument("--no_compile_decode", action="store_true",
+                   help="--what generate: the static-cache run without torch.compile (no compile wait)")
+    p.add_argument("--bf16_shapes", default="baby,shakespeare_char",
+                   help="--what bf16: presets whose train step is timed in float32 and in bf16 autocast")
     p.add_argument("--data_dir", help="a prepared dataset for --what data (default: a temporary char dataset) and "
                                       "for every run of --what time_to_loss (default: the configs' data_dir)")
     p.add_argument("--text", help="text file for the temporary dataset (default: Python's standard library)")
@@ -148,6 +157,9 @@ def main(argv=None):
         if args.text is not None and not Path(args.text).is_file():
             raise FileNotFoundError(f"--text {args.text}: no such file")
         runs = time_to_loss_runs(args) if "time_to_loss" in what else None
+        bf16_shapes = [name.strip() for name in args.bf16_shapes.split(",") if name.strip()]
+        if set(bf16_shapes) - set(PRESETS):
+            raise ValueError(f"--bf16_shapes takes presets of {', '.join(PRESETS)}, got {args.bf16_shapes!r}")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
@@ -177,6 +189,15 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         results["generate"] = r
         print(format_generate(r))
+        r = bench_sample(gen_shape, device, num_samples=args.sample_num, new_tokens=args.sample_tokens, dtype=dtype,
+                         seed=args.seed, compile=not args.no_compile_decode, reference=not args.no_reference)
+        results["sample"] = r
+        print(format_sample(r))
+    if "bf16" in what:
+        r = bench_bf16([Shape(**PRESETS[name]) for name in bf16_shapes], device, iters=args.iters,
+                       warmup=args.warmup, seed=args.seed)
+        results["bf16"] = r
+        print(format_bf16(r))
     if "data" in what:
         with tempfile.TemporaryDirectory(prefix="nanogpt_bench_") as tmp:
             try:

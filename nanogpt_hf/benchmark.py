@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -51,6 +52,7 @@ PRESETS = {
 TRAIN_TARGET = 1.30  # nanogpt_hf step must be >= 1.3x faster than GPT2LMHeadModel's at the baby shape (issue 1/5)
 CACHE_TARGET = 4.0  # generate with the KV cache >= 4x faster than without
 GPT2_GEN_TARGET = 1.0  # and not slower than GPT2LMHeadModel.generate with its cache
+SAMPLE_TARGET = 10.0  # sample.py's job >= 10x the tokens/s of nanoGPT's sample.py (issue 15)
 DATA_TARGET = 0.02  # get_batch < 2% of a train step
 PREPARE_TARGET = 0.9  # prepare's tokens/s >= 0.9x the bare tokenizer's batch encode on the same text (issue 14)
 TARGET_LOSS = 1.88  # time_to_loss: nanoGPT's val loss of its CPU baby run
@@ -225,6 +227,47 @@ def bench_train(shape, device="cpu", iters=50, warmup=10, dtype=None, compile=Fa
     return result
 
 
+def bench_bf16(shapes, device="cpu", iters=10, warmup=2, seed=1337):
+    """Our train step (forward, backward, AdamW) in float32 and under bf16 autocast, alternating, per shape:
+    what `mixed_precision: auto` decides from (see train_config.resolve_mixed_precision)."""
+    from .train_config import cpu_bf16_matmul
+
+    result = dict(device=str(device), cpu_bf16=cpu_bf16_matmul(), iters=iters, warmup=warmup, shapes=[])
+    for shape in shapes:
+        torch.manual_seed(seed)
+        model = NanoGPTForCausalLM(NanoGPTConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                                                 block_size=shape.block_size, vocab_size=shape.vocab_size,
+                                                 bias=False, dropout=0.0)).to(device).train()
+        opt = make_optimizer(model, device)
+        data = torch.randint(shape.vocab_size, (shape.batch_size, shape.block_size + 1),
+                             generator=torch.Generator().manual_seed(seed)).to(device)
+        x, y = data[:, :-1], data[:, 1:]
+
+        def step(dtype):
+            def run():
+                with autocast(device, dtype):
+                    loss = model(x, shift_labels=y).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return run
+
+        times = time_alternating({"float32": step(None), "bf16": step(torch.bfloat16)}, iters, warmup, device)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        result["shapes"].append(dict(shape=asdict(shape), ms=ms, speedup=ms["float32"] / ms["bf16"]))
+    return result
+
+
+def format_bf16(r):
+    out = [f"bf16 autocast vs float32, train step of {OURS}; device {r['device']}; CPU bf16 matrix units: "
+           f"{r['cpu_bf16'] or 'none'}; median of {r['iters']}"]
+    for s in r["shapes"]:
+        shape = Shape(**s["shape"])
+        out.append(f"bf16 {shape.describe()}, batch {shape.batch_size}: float32 {s['ms']['float32']:,.1f} ms | "
+                   f"bf16 {s['ms']['bf16']:,.1f} ms | speedup {s['speedup']:.2f}x")
+    return "\n".join(out)
+
+
 def profile_step(step, device, out_dir, active=5):
     """torch.profiler trace of a few steps -> out_dir (open in Perfetto / chrome://tracing); returns its table."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
@@ -324,6 +367,97 @@ def bench_generate(shape, device="cpu", batch_sizes=(1, 8), new_tokens=255, repe
         times.update(time_alternating(uncached, nocache_repeats, 0, device))
         result["batches"][b] = {name: b * new_tokens / statistics.median(t) for name, t in times.items()}
     return result
+
+
+def _top_k_sample(logits, temperature, top_k):
+    """One token per row from the last position's logits, as nanoGPT samples: scale, keep the top k, draw."""
+    logits = logits / temperature
+    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+    return torch.multinomial(F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1), 1)
+
+
+@torch.no_grad()
+def nanogpt_sample_loop(model, idx, new_tokens, block_size, temperature=0.8, top_k=200):
+    """What nanoGPT's sample.py runs (its model.generate): no cache; before every token the context is cut to
+    its last block_size tokens and run through the whole model again."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -block_size:])
+        idx = torch.cat([idx, _top_k_sample(logits[:, -1], temperature, top_k)], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def bare_cached_loop(model, idx, new_tokens, limit, temperature=0.8, top_k=200):
+    """The least a cached sampler can do in Python: our modules and a DynamicCache, nothing of generate()
+    around them; the context cropped the way generate_cropped crops it (to limit // 2 when it is full)."""
+    from transformers.cache_utils import DynamicCache
+
+    out, feed, cache = idx, idx, None
+    for _ in range(new_tokens):
+        if cache is None or cache.get_seq_length() >= limit:
+            feed = out if out.size(1) < limit else out[:, -(limit // 2):]
+            cache = DynamicCache(config=model.config)
+        logits = model(feed, cache=cache, use_cache=True, logits_to_keep=1).logits
+        feed = _top_k_sample(logits[:, -1], temperature, top_k)
+        out = torch.cat([out, feed], dim=1)
+    return out
+
+
+def bench_sample(shape, device="cpu", num_samples=10, new_tokens=500, temperature=0.8, top_k=200, repeats=1,
+                 dtype=None, seed=1337, compile=True, reference=True):
+    """sample.py's job (num_samples x new_tokens from a 1-token prompt, top_k, temperature) in tokens/s, side by
+    side: our generate() (generate_cropped, dynamic cache), the same with a static cache (+ compiled decoding
+    step), the bare eager loop over our modules, and nanoGPT's sample.py loop (no cache) on the reference."""
+    from .evaluation import generate_cropped, static_decoding
+
+    models = build_models(shape, device, bias=False, reference=reference, seed=seed,
+                          activation=NanoGPTConfig().activation_function)  # the default of new models
+    ours = models[OURS][0].eval()
+    limit = shape.block_size
+    idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+    gen = dict(do_sample=True, temperature=temperature, top_k=top_k, pad_token_id=0)
+    static = static_decoding(ours, limit, compile=compile)
+    compile_s = time.perf_counter()
+    with torch.no_grad(), autocast(device, dtype):  # warm-up; with compile, the step is compiled here
+        generate_cropped(ours, idx, min(new_tokens, limit), limit, **gen, **static)
+    compile_s = time.perf_counter() - compile_s
+
+    def job(fn):
+        def run():
+            with torch.no_grad(), autocast(device, dtype):
+                for _ in range(num_samples):
+                    out = fn()
+                    assert out.shape == (1, 1 + new_tokens)
+        return run
+
+    fns = {f"{OURS} generate()": job(lambda: generate_cropped(ours, idx, new_tokens, limit, **gen)),
+           f"{OURS} generate(), static cache" + (" + compile" if compile else ""):
+               job(lambda: generate_cropped(ours, idx, new_tokens, limit, **gen, **static)),
+           "bare eager loop": job(lambda: bare_cached_loop(ours, idx, new_tokens, limit, temperature, top_k))}
+    if REF in models:
+        ref = models[REF][0].eval()
+        fns["nanoGPT sample.py loop"] = job(lambda: nanogpt_sample_loop(ref, idx, new_tokens, limit, temperature,
+                                                                         top_k))
+    times = time_alternating(fns, repeats, 0, device)
+    return dict(shape=asdict(shape), device=str(device), num_samples=num_samples, new_tokens=new_tokens,
+                top_k=top_k, temperature=temperature, repeats=repeats, compile=compile,
+                warmup_s=round(compile_s, 1),
+                tokens_per_s={name: num_samples * new_tokens / statistics.median(t) for name, t in times.items()})
+
+
+def format_sample(r):
+    shape, tps = Shape(**r["shape"]), r["tokens_per_s"]
+    out = [f"sample.py job: {shape.describe()}; {r['num_samples']} x {r['new_tokens']} tokens, top_k {r['top_k']}, "
+           f"T {r['temperature']}; device {r['device']}; median of {r['repeats']} (first call incl. compile: "
+           f"{r['warmup_s']} s)"]
+    out += [f"sample {name:<44} {v:8,.0f} tok/s" for name, v in tps.items()]
+    fast = max(v for name, v in tps.items() if name.startswith(OURS))
+    if "nanoGPT sample.py loop" in tps:
+        out.append(f"sample ratio: {OURS} (best) vs nanoGPT sample.py loop {fast / tps['nanoGPT sample.py loop']:.1f}x "
+                   f"(target >= {SAMPLE_TARGET:.0f}x)")
+    out.append(f"sample ratio: {OURS} generate() vs bare eager loop {tps[f'{OURS} generate()'] / tps['bare eager loop']:.2f}x"
+               f" (target >= 1.0x); best {fast / tps['bare eager loop']:.2f}x")
+    return "\n".join(out)
 
 
 def format_generate(r):

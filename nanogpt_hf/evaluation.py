@@ -155,14 +155,37 @@ def context_limit(model):
     return max_context(model) if learned else None
 
 
+def static_decoding(model, max_len, compile=True):
+    """generate() kwargs for a static KV cache of max_len slots, reused by every generate_cropped call (so a
+    compiled decoding step is compiled once: same shapes, same buffers), and for compiling that step, which
+    transformers does by itself only on GPUs (there with CUDA graphs: mode "reduce-overhead")."""
+    from transformers import StaticCache
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from .modeling_nanogpt import CACHE_NAME
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)  # allocated at the first call's batch size
+    if not compile:
+        return {CACHE_NAME: cache, "disable_compile": True}
+    gpu = torch.device(model.device).type == "cuda"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if gpu else "default")
+    config._compile_all_devices = True  # transformers' switch for compiling on CPU too
+    return {CACHE_NAME: cache, "compile_config": config}
+
+
 def generate_cropped(model, idx, max_new_tokens, limit, streamer=None, **gen_kwargs):
     """generate() that may run past the context. idx (1, T) -> (1, T + max_new_tokens) (fewer if EOS).
     limit: the context length to respect (context_limit(model)), or None. nanoGPT crops the context to the last
     block_size tokens before every new token (recomputing everything, no cache). Here, once the text fills the
     block, the context is cropped to its last limit // 2 tokens and the next limit // 2 tokens are generated with
     the KV cache: every token still sees at least limit // 2 tokens, at a fraction of the cost."""
+    from .modeling_nanogpt import CACHE_NAME
+
     out, remaining = idx, max_new_tokens
+    cache = gen_kwargs.get(CACHE_NAME)  # a static cache from static_decoding(): emptied for each generate()
     while remaining > 0:
+        if cache is not None:
+            cache.reset()
         context = out if limit is None or out.size(1) < limit else out[:, -(limit // 2):]
         n = remaining if limit is None else min(remaining, limit - context.size(1))
         # max_length rather than max_new_tokens: the same thing here, and no clash with the max_length that a

@@ -107,8 +107,9 @@ class TanhGELU(nn.Module):
     kernel: below ~16K elements the Python autograd.Function call (~15 us) costs more than it saves."""
 
     def forward(self, x):
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= 16384
-                and not torch.compiler.is_compiling()):
+        # is_compiling() first: a size test that dynamo sees would become a guard, and a recompile when B changes
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.numel() >= 16384):
             return _SigmoidTanhGELU.apply(x)
         return F.gelu(x, approximate="tanh")
 
@@ -210,6 +211,9 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
+    # no data-dependent Python branch in forward (a static cache's length stays a tensor): generate() may compile
+    # the decoding step with fullgraph=True (on CUDA by itself with cache_implementation="static")
+    _can_compile_fullgraph = True
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]  # causal-mask buffers of old nanoGPT checkpoints
 
     @classmethod
@@ -273,28 +277,34 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             use_cache = cfg.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
-        past_len = int(cache.get_seq_length()) if cache is not None else 0  # a static cache keeps it in a tensor
-        S = past_len + T  # keys/values the new tokens attend to
-        # a static (fixed-size) cache hands attention all its max_cache_len slots; the mask hides the unused tail
-        K = cache.layers[0].max_cache_len if cache is not None and cache.is_compileable else S
+        # a static (fixed-size) cache hands attention all its max_cache_len slots, the mask hides the unused tail;
+        # it keeps its length in a tensor, and past_len stays one: no host sync, no Python branch on its value, so
+        # one compiled graph serves every decoding step
+        static = cache is not None and cache.is_compileable
+        past_len = cache.get_seq_length() if cache is not None else 0
+        S = past_len + T  # keys/values the new tokens attend to (a 0-d tensor with a static cache)
+        K = cache.layers[0].max_cache_len if static else S
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
-                # left padding: real tokens start at position 0, exactly as without padding
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:S]
+                # left padding: real tokens start at position 0, exactly as without padding (with a static cache
+                # the mask covers exactly the past and the new tokens: no slicing by a tensor length)
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = positions[:, -T:] if static else positions[:, past_len:S]
             else:
-                position_ids = torch.arange(past_len, S, device=x.device).unsqueeze(0)  # (1, T)
+                position_ids = (torch.arange(T, device=x.device) + past_len).unsqueeze(0)  # (1, T)
 
         pe = cfg.position_embedding
         if pe == "learned":
-            if S > cfg.block_size:
+            # (checked on the host, so not inside a compiled graph: there an out-of-range position fails in wpe)
+            if not torch.compiler.is_compiling() and S > cfg.block_size:
                 raise ValueError(
-                    f"sequence length {S} exceeds block_size {cfg.block_size}, the length of this model's "
+                    f"sequence length {int(S)} exceeds block_size {cfg.block_size}, the length of this model's "
                     "learned position table: crop the input to the last block_size tokens "
                     "(or train with position_embedding='alibi' or 'rope', which extrapolate)"
                 )
             x = x + self.wpe(position_ids)
         rope = self._rope(position_ids, x.dtype) if pe == "rope" else None
-        attn_bias = self._attention_bias(attention_mask, T, past_len, K, x.dtype, x.device)
+        attn_bias = self._attention_bias(attention_mask, T, past_len, K, static, x.dtype, x.device)
 
         x = self.drop(x)
         hidden_states = () if output_hidden_states else None
@@ -320,14 +330,15 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hs)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _attention_bias(self, attention_mask, T, past_len, K, dtype, device):
+    def _attention_bias(self, attention_mask, T, past_len, K, static, dtype, device):
         """Additive attention bias (B|1, nh|1, T, K) over K keys, or None for plain causal attention (the flash path).
 
         Needed for ALiBi, for padding (attention_mask with zeros), for several new tokens after a cache, and for a
-        static cache (K > past_len + T: its unused slots must be masked).
+        static cache (K slots, of which past_len + T are filled: the rest must be masked). past_len is a 0-d tensor
+        with a static cache: everything below is tensor arithmetic on it, so a compiled step does not specialize.
         """
-        S = past_len + T
         alibi = self.config.position_embedding == "alibi"
+        q_pos = torch.arange(T, device=device) + past_len  # the new tokens' positions
         if attention_mask is not None and attention_mask.ndim == 4:  # already 4-D (e.g. static-cache generate)
             allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
         else:
@@ -335,17 +346,15 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             # data-dependent branch that breaks torch.compile fullgraph and torch.export; without a mask, plain
             # causal attention takes the fused is_causal path
             padded = attention_mask is not None
-            if not (alibi or padded or (past_len > 0 and T > 1) or K > S):
+            if not (static or alibi or padded or (past_len > 0 and T > 1)):
                 return None  # no mask at all needed (T == 1 after a cache attends to everything)
-            q_pos = torch.arange(past_len, S, device=device)
-            k_pos = torch.arange(K, device=device)
-            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
-            if padded:  # keys past S are masked by causality already
-                allowed = allowed & F.pad(attention_mask[:, :S].bool(), (0, K - S))[:, None, None, :]  # (B, 1, T, K)
+            allowed = (torch.arange(K, device=device)[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, K) causal
+            if padded:  # the mask covers the keys so far (a longer one is cut); keys past them are masked by causality
+                keys = attention_mask[:, :K].bool()
+                allowed = allowed & F.pad(keys, (0, K - keys.size(-1)))[:, None, None, :]  # (B, 1, T, K)
         bias = torch.zeros(allowed.shape, device=device)
         if alibi:
             K = allowed.shape[-1]
-            q_pos = torch.arange(S - allowed.shape[-2], S, device=device)
             distance = (q_pos[:, None] - torch.arange(K, device=device)[None, :]).clamp(min=0)  # (T, K)
             bias = bias - alibi_slopes(self.config.n_head).to(device)[None, :, None, None] * distance  # (.., nh, T, K)
         # the dtype's min rather than -inf: fully masked rows (left-pad queries) give uniform weights, not NaN

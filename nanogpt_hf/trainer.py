@@ -46,7 +46,7 @@ from .configuration_nanogpt import NanoGPTConfig
 from .data import TokenShards
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .optim import build_optimizer, lr_scales, set_lr
-from .train_config import ARCHITECTURE, TrainConfig
+from .train_config import ARCHITECTURE, TrainConfig, resolve_mixed_precision
 
 EVAL_MICRO_STEP = 1  # training draws its batches with micro_step 0, evaluation from this separate stream
 
@@ -314,12 +314,14 @@ def _train(cfg, stop, lock):
     # -------------------------------------------------------------------------
     # setup: accelerator, seeds
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,  # None: whatever `accelerate launch` / its config says
+        mixed_precision=resolve_mixed_precision(cfg),  # None: whatever `accelerate launch` / its config says
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.out_dir,
         cpu=cfg.cpu,
-        **({"dynamo_backend": "inductor"} if cfg.compile else {}),
+        # compile: inductor, or the dynamo backend that `accelerate launch`'s config names (ACCELERATE_DYNAMO_BACKEND)
+        **({"dynamo_backend": "inductor"} if cfg.compile and os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
+           == "NO" else {}),
     )
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         # Accelerate leaves fp16 off on CPU, but torch has it there (autocast + GradScaler): switch it on, so
@@ -523,6 +525,9 @@ def _train(cfg, stop, lock):
             # and the same global batch however it is split into processes and micro-steps
             x, y = train_data.get_batch(B, cfg.block_size, it, seed=cfg.seed, rank=micro_step * world + rank,
                                         world_size=accum * world, device=accelerator.device)
+            if cfg.compile and cfg.batch_size_warmup_iters:  # the ramp changes B: one graph, dynamic in B
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                torch._dynamo.maybe_mark_dynamic(y, 0)
             with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                 loss = model(x, shift_labels=y).loss
                 accelerator.backward(loss)  # scaled by 1/accum (and by the fp16 loss scale)

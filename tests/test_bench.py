@@ -19,7 +19,7 @@ def test_bench_smoke_prints_every_comparison(char_data_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "bench.py"), "--preset", "custom", "--n_layer", "1", "--n_head",
            "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "64", "--batch_size", "2", "--iters", "2",
            "--warmup", "1", "--gen_shape", "custom", "--gen_tokens", "4", "--gen_batch_sizes", "1,2",
-           "--gen_repeats", "1", "--data_dir", str(char_data_dir), "--data_iters", "5", "--device", "cpu",
+           "--gen_repeats", "1", "--sample_num", "1", "--sample_tokens", "24", "--no_compile_decode", "--data_dir", str(char_data_dir), "--data_iters", "5", "--device", "cpu",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -38,9 +38,12 @@ def test_bench_smoke_prints_every_comparison(char_data_dir, tmp_path):
     for b in (1, 2):
         assert "cache speedup" in line(f"generate b={b} ") and "(target >= 4x)" in line(f"generate b={b} ")
         assert any(x.startswith(f"generate b={b}") and "ratio" in x and "target >= 1.0x" in x for x in lines)
+    assert "(target >= 10x)" in line("sample ratio: nanogpt_hf (best) vs nanoGPT")  # sample.py's job, past block 16
+    assert "(target >= 1.0x)" in line("sample ratio: nanogpt_hf generate() vs bare eager loop")
     assert "% of a step (target < 2%)" in line("data")
     results = json.loads(out.read_text())
-    assert set(results) >= {"machine", "train", "generate", "data"}
+    assert set(results) >= {"machine", "train", "generate", "sample", "data"}
+    assert len(results["sample"]["tokens_per_s"]) == 4
     assert results["train"]["ratio_train"] > 0 and results["data"]["fraction"] > 0
 
 

@@ -153,3 +153,14 @@ def test_bpe_model_samples_through_its_saved_tokenizer(sample_module, tiktoken_c
                  "--max_new_tokens", "5", "--top_k", "5")
     out = samples(r.out)
     assert len(out) == 2 and all(s.startswith("Hello world") for s in out)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope"])
+def test_static_cache_decoding_gives_the_dynamic_cache_text(sample_module, tmp_path, capsys, position_embedding):
+    """--decode static: one fixed-size cache, emptied and reused by every chunk and sample, samples exactly what
+    the growing cache samples, past the context too (70 new tokens, block 32)."""
+    path = save_tiny_model(tmp_path / "m", build_char_tokenizer(TEXT), position_embedding=position_embedding)
+    args = ("--model", str(path), "--start", "All:", "--num_samples", "2", "--max_new_tokens", "70", "--seed", "3")
+    dynamic = run_main(sample_module, capsys, *args, "--decode", "dynamic").out
+    static = run_main(sample_module, capsys, *args, "--decode", "static").out
+    assert static == dynamic and len(samples(static)) == 2

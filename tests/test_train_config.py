@@ -71,7 +71,7 @@ def test_numbers_and_none():
     (["--learning_rat=1e-3"], "unknown flag --learning_rat (did you mean 'learning_rate'?)"),
     (["--n_layer"], "--n_layer: missing value"),
     (["--n_layer", "4", "extra"], "unexpected argument 'extra'"),
-    (["--mixed_precision=fp8"], "--mixed_precision must be one of no, fp16, bf16, got 'fp8'"),
+    (["--mixed_precision=fp8"], "--mixed_precision must be one of no, fp16, bf16, auto, got 'fp8'"),
     (["--warmup_iters=100", "--lr_decay_iters=50"], "--warmup_iters (100) must be <= --lr_decay_iters (50)"),
     (["--n_embd=100", "--n_head=3"], "--n_embd (100) must be divisible by --n_head (3)"),
     (["--batch_size=0"], "--batch_size must be >= 1, got 0"),
