@@ -254,7 +254,8 @@ def make_tokenizer(spec, splits, by_documents, num_proc):
         unk = stoi[default_unk_char(stoi)]
         lut = np.full(max(map(ord, stoi)) + 2, unk, dtype=np.int64)
         lut[[ord(c) for c in stoi]] = list(stoi.values())
-        return tok, _encode_chars, dict(lut=lut, dtype=token_dtype(len(stoi))), len(stoi), None
+        # the vocab: the characters, then the tokenizer's <|endoftext|> (not inserted into the shards)
+        return tok, _encode_chars, dict(lut=lut, dtype=token_dtype(len(tok))), len(tok), None
     eot = None
     if spec == "gpt2":
         tiktoken_gpt2()  # fail early and clearly when the BPE files are unavailable
