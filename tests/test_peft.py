@@ -80,17 +80,23 @@ def test_lora_learns_saves_adapter_only_and_merged_equals_base_plus_adapter(char
     assert not (out / "adapter_config.json").exists() and (out / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(merged).__name__ == "NanoGPTForCausalLM"
-    on_base = peft.AutoPeftModelForCausalLM.from_pretrained(out / "adapter").eval()  # GPT2LMHeadModel + adapter
+    # the model card's lines: GPT2LMHeadModel (the base, from adapter_config.json) + the adapter
+    on_base = peft.AutoPeftModelForCausalLM.from_pretrained(out / "adapter").eval()
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), str(out),
+                                           subfolder="adapter").eval()
     assert type(on_base.get_base_model()).__name__ == "GPT2LMHeadModel"
     base = AutoModelForCausalLM.from_pretrained(gpt2_base).eval()
     x = torch.randint(0, merged.config.vocab_size, (2, 32))
     with torch.no_grad():
         want = on_base(input_ids=x).logits
+        assert torch.equal(again(input_ids=x).logits, want)
         assert (merged(x).logits - want).abs().max() <= 1e-5
         assert (base(x).logits - want).abs().max() > 1e-3  # the adapter changed the model
         assert merged(x, shift_labels=x).loss.item() < 10  # (a working model, not NaNs)
     card = (out / "README.md").read_text()
-    assert "AutoPeftModelForCausalLM" in card and "merged" in card and "base_model:" in card
+    assert 'PeftModel.from_pretrained(base, "<user>/out", subfolder="adapter")' in card
+    assert "**merged** model" in card and "- peft\n- lora" in card
+    assert "base_model:" not in card  # the base is a local folder here, not a Hub id
 
 
 def test_lora_resume_is_bit_exact(char_data_dir, gpt2_base, tmp_path):
