@@ -135,8 +135,10 @@ def _eval_results(evals: dict, model_name: str) -> list:
     for task, r in (evals.get("lm_eval") or {}).items():
         for metric, value in (r.get("metrics") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
-                out.append(EvalResult(task_type="text-generation", dataset_type=r.get("dataset") or task,
-                                      dataset_name=task, metric_type=metric.split(",")[0], metric_value=value,
+                dataset = r.get("dataset") if "/" in str(r.get("dataset")) else task  # a Hub id, else the task's name
+                out.append(EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=task,
+                                      dataset_config=r.get("dataset_config"),
+                                      metric_type=metric.split(",")[0], metric_value=value,
                                       metric_name=metric.split(",")[0], source_name="lm-evaluation-harness",
                                       source_url="https://github.com/EleutherAI/lm-evaluation-harness"))
     for split, r in (evals.get("data") or {}).items():
