@@ -432,9 +432,14 @@ def lm_eval_benchmarks(model, tokenizer, tasks, tasks_dir=None, batch_size=8, li
     if unknown:
         raise ValueError(f"--benchmarks: {unknown} are neither ours ({', '.join(BENCHMARKS)}) nor lm-evaluation-harness "
                          "tasks (lm_eval ls tasks lists them; local YAML tasks go in --tasks_dir)")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_context(model))
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=0)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+              max_length=max_context(model))
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)
+    except OSError as e:  # its tasks' data come from the Hub
+        raise ValueError(f"lm-evaluation-harness: {_first_line(e)}; its tasks download their data from the Hub "
+                         "once (then it is cached): run with network, or give local tasks with --tasks_dir") from None
     results = {}
     for task in tasks:
         raw = out["results"].get(task, {})
