@@ -12,8 +12,9 @@ What a LoRA run leaves:
                         rebuilds the base from trainer_state.json's lora_base and loads the adapter onto it.
 
 The adapter sits in a subfolder so that out_dir itself stays a plain model dir (transformers would otherwise find
-adapter_config.json there and stack the adapter on top of the merged weights). Importing this module registers
-our model_type's default target modules with PEFT, so `get_peft_model(model, LoraConfig(r=8))` works too.
+adapter_config.json there and stack the adapter on top of the merged weights). register_with_peft() (the trainer
+calls it) registers our model_type's default target modules with PEFT, so that `get_peft_model(model,
+LoraConfig(r=8))` needs no target_modules. (This module imports PEFT only when LoRA is used.)
 """
 
 import os
