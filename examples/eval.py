@@ -1,10 +1,14 @@
 """
-Evaluate a model: loss/perplexity on a prepared dataset, and zero-shot benchmarks (WikiText, LAMBADA, PTB).
+Evaluate a model: loss/perplexity on a prepared dataset, the field's zero-shot benchmarks through
+lm-evaluation-harness (HellaSwag, LAMBADA, WikiText, ARC, PIQA, any of its tasks), and our own WikiText/PTB
+sliding-window perplexity and LAMBADA last-word accuracy.
 
     python examples/eval.py --model out-shakespeare-char --data_dir data/shakespeare_char          # val, 200 batches
     python examples/eval.py --model out-shakespeare-char --data_dir data/shakespeare_char --full   # every token
     python examples/eval.py examples/configs/eval_gpt2.yaml        # nanoGPT's GPT-2 baselines on OpenWebText
-    python examples/eval.py --model gpt2 --benchmarks wikitext2,lambada,ptb --stride 512
+    python examples/eval.py --model out --benchmarks standard --data_dir data/openwebtext   # lm-eval's 5 + val loss
+    python examples/eval.py --model out --benchmarks hellaswag,arc_easy --limit 100         # any lm-eval tasks
+    python examples/eval.py --model gpt2 --benchmarks wikitext2,lambada,ptb --stride 512    # ours
     python examples/eval.py --model out --wikitext2_file wiki.test.raw --lambada_file lambada_test.jsonl  # offline
     accelerate launch examples/eval.py --model gpt2 --data_dir data/openwebtext --full   # sums reduced over ranks
 
@@ -12,8 +16,11 @@ Dataset loss: --eval_iters N is nanoGPT's estimate (N random batches of --batch_
 ones every time for a --seed); --full is an exact pass over the split (non-overlapping windows).
 Benchmarks (test splits from the Hub through `datasets`, or --<name>_file): wikitext2 / wikitext103 / ptb give
 token- and word-level perplexity of the whole text with a sliding window (--max_length tokens, a new window
-every --stride tokens); lambada gives last-word accuracy. A YAML config may hold any of the flags; flags
-given on the command line win. Results: a table, and a JSON file (--out).
+every --stride tokens); lambada gives last-word accuracy. Every other name is an lm-evaluation-harness task
+(`pip install -e ".[eval]"`; `standard` = hellaswag, lambada_openai, wikitext, arc_easy, piqa; local YAML tasks in
+--tasks_dir); their results also go into the model folder (eval_results.json) and its model card (model-index)
+when --model is a local folder. A YAML config may hold any of the flags; flags given on the command line win.
+Results: a table, and a JSON file (--out).
 """
 
 import argparse
@@ -25,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import yaml
 
-from nanogpt_hf.evaluation import BENCHMARKS, autocast_dtype, describe_chars, evaluate_loss, lambada_accuracy, \
-    load_benchmark, load_model, max_context, sliding_window_perplexity, unknown_chars
+from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, describe_chars, evaluate_loss, \
+    lambada_accuracy, lm_eval_benchmarks, load_benchmark, load_model, max_context, sliding_window_perplexity, \
+    unknown_chars
 
 
 def build_parser():
@@ -40,7 +48,13 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--block_size", type=int, help="tokens per sequence (default: the model's context)")
     p.add_argument("--seed", type=int, default=0, help="which random batches --eval_iters draws")
-    p.add_argument("--benchmarks", default="", help=f"comma-separated: {', '.join(BENCHMARKS)}")
+    p.add_argument("--benchmarks", default="", help=f"comma-separated: ours ({', '.join(BENCHMARKS)}), `standard` "
+                   f"({', '.join(STANDARD_TASKS)}) or any lm-evaluation-harness task")
+    p.add_argument("--tasks_dir", help="folder of lm-evaluation-harness task YAMLs (local tasks, offline data)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task (a quick look)")
+    p.add_argument("--num_fewshot", type=int, help="lm-eval: few-shot examples (default: each task's, mostly 0)")
+    p.add_argument("--no_model_card", action="store_true",
+                   help="don't write lm-eval results into a local --model folder (eval_results.json, README.md)")
     for name in BENCHMARKS:
         p.add_argument(f"--{name}_file", help=f"local file instead of the Hub's {name} test split (implies it)")
     p.add_argument("--stride", type=int, default=512, help="sliding window: new tokens scored per window")
@@ -119,7 +133,16 @@ def run(args, accelerator):
                 r["reference_loss"] = references[split]
             results["data"][split] = r
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    names += [b for b in BENCHMARKS if getattr(args, f"{b}_file") and b not in names]
+    names = [t for b in names for t in (STANDARD_TASKS if b == "standard" else [b])]
+    tasks = [b for b in names if b not in BENCHMARKS]  # lm-evaluation-harness's
+    names = [b for b in names if b in BENCHMARKS] + [b for b in BENCHMARKS if getattr(args, f"{b}_file") and b not in names]
+    if tasks:
+        if accelerator.num_processes > 1:
+            raise ValueError("lm-evaluation-harness tasks run in one process here: drop `accelerate launch`")
+        results["lm_eval"], raw = lm_eval_benchmarks(model, tokenizer, tasks, tasks_dir=args.tasks_dir,
+                                                     batch_size=args.batch_size, limit=args.limit,
+                                                     num_fewshot=args.num_fewshot)
+        results["lm_eval_version"] = raw.get("lm_eval_version") or _version("lm_eval")
     for name in names:
         with accelerator.main_process_first():  # one process downloads, the others read the cache
             data = load_benchmark(name, getattr(args, f"{name}_file"))
@@ -139,6 +162,12 @@ def run(args, accelerator):
     return results
 
 
+def _version(package):
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def format_table(results):
     rows = [("task", "metric", "value", "details")]
     for split, r in results["data"].items():
@@ -153,6 +182,11 @@ def format_table(results):
             rows.append((name, "token ppl", f"{r['token_ppl']:.2f}",
                          f"word ppl {r['word_ppl']:.2f}, {r['bits_per_byte']:.3f} bits/byte, {r['n_tokens']:,} "
                          f"tokens, {r['n_words']:,} words, window {r['max_length']} stride {r['stride']}"))
+    for task, r in results.get("lm_eval", {}).items():
+        for metric, value in r["metrics"].items():
+            err = r["stderr"].get(metric)
+            rows.append((task, metric, f"{value:.4f}", f"{'± %.4f, ' % err if isinstance(err, float) else ''}"
+                         f"{r['n']} examples, {r['num_fewshot'] or 0}-shot, lm-evaluation-harness"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     head = (f"{results['model']} ({results['num_params'] / 1e6:.2f}M params), {results['device']}, "
             f"{results['dtype']}, {results['processes']} process(es)")
@@ -165,9 +199,6 @@ def main(argv=None):
         args = parse_args(argv)
         if args.eval_iters is not None and args.eval_iters < 1 or args.batch_size < 1 or args.stride < 1:
             raise ValueError("--eval_iters, --batch_size and --stride must be >= 1")
-        unknown = [b for b in args.benchmarks.split(",") if b.strip() and b.strip() not in BENCHMARKS]
-        if unknown:
-            raise ValueError(f"--benchmarks: unknown {unknown} (choose from {', '.join(BENCHMARKS)})")
         if not args.data_dir and not args.benchmarks and not any(getattr(args, f"{b}_file") for b in BENCHMARKS):
             raise ValueError("nothing to evaluate: pass --data_dir and/or --benchmarks (or a --<benchmark>_file)")
         from accelerate import Accelerator
@@ -181,6 +212,15 @@ def main(argv=None):
         results["args"] = {k: v for k, v in vars(args).items()}
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.out}")
+        if results.get("lm_eval") and not args.no_model_card and (Path(args.model) / "config.json").is_file():
+            from nanogpt_hf.hub import CARD_MARKER, write_model_card
+
+            keep = {k: results[k] for k in ("model", "data", "lm_eval", "lm_eval_version")}
+            (Path(args.model) / "eval_results.json").write_text(json.dumps(keep, indent=2) + "\n")
+            card = Path(args.model) / "README.md"
+            if not card.is_file() or CARD_MARKER in card.read_text(encoding="utf-8", errors="replace"):
+                write_model_card(args.model)  # (a card edited by hand, its marker line gone, stays as it is)
+            print(f"and to {Path(args.model) / 'eval_results.json'} (model card: {card})")
     return results
 
 

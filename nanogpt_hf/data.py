@@ -371,7 +371,8 @@ def make_tokenizer(spec, chars, by_documents):
         stoi = char_vocab(tok)
         lut = np.full(max(map(ord, stoi)) + 2, stoi[default_unk_char(stoi)], dtype=np.int64)
         lut[[ord(c) for c in stoi]] = list(stoi.values())
-        return tok, ("char", lut), len(stoi), None
+        # the vocab: the characters, then the tokenizer's <|endoftext|> (not inserted into the shards)
+        return tok, ("char", lut), len(tok), None
     if spec == "gpt2":
         tiktoken_gpt2()  # fail early and clearly when the BPE files are unavailable
         return gpt2_tokenizer(), ("gpt2", None), 50257, GPT2_EOT if by_documents else None

@@ -7,11 +7,12 @@ Evaluation: loss/perplexity on prepared token shards, and zero-shot benchmarks o
     evaluate_loss(model, TokenShards(data_dir, "val"), 8, 256, full=True)        # every token once
     sliding_window_perplexity(model, tokenizer, text, stride=512)     # WikiText / PTB style
     lambada_accuracy(model, tokenizer, texts)                         # LAMBADA last-word accuracy
+    lm_eval_benchmarks(model, tokenizer, ["hellaswag", "arc_easy"])   # any lm-evaluation-harness task
 
 Every function takes an optional `accelerator`: each process then works on its share (its rank's windows or
 examples) and the sums are reduced across processes, so `accelerate launch examples/eval.py ...` gives the
-same numbers as one process. The final numbers come from the `evaluate` metric modules shipped in
-nanogpt_hf/metrics/ (loaded from their folder: no network needed).
+same numbers as one process. The field's standard zero-shot tasks (HellaSwag, LAMBADA, WikiText, ARC, PIQA) run
+through lm-evaluation-harness (`pip install -e ".[eval]"`), on the model already loaded here.
 """
 
 import contextlib
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .train_config import GPT2_MODELS
 
-METRICS_DIR = Path(__file__).parent / "metrics"
+# the field's standard zero-shot comparison of small GPTs (llm.c, nanoGPT forks): lm-evaluation-harness task names
+STANDARD_TASKS = ("hellaswag", "lambada_openai", "wikitext", "arc_easy", "piqa")
 
 # the zero-shot benchmarks: Hub dataset (id, config, split, text column), and how they are scored
 BENCHMARKS = {
@@ -35,13 +37,6 @@ BENCHMARKS = {
     "ptb": dict(hub=("ptb-text-only/ptb_text_only", "penn_treebank", "test", "sentence"), kind="perplexity"),
     "lambada": dict(hub=("EleutherAI/lambada_openai", "default", "test", "text"), kind="lambada"),
 }
-
-
-def load_metric(name):
-    """One of our evaluate metric modules (perplexity_from_nll, last_word_accuracy), loaded from its folder."""
-    import evaluate
-
-    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
 
 
 # -----------------------------------------------------------------------------
@@ -221,8 +216,11 @@ def _show_progress(accelerator, progress):
 
 
 def _perplexity(nll_sum, count):
-    metric = load_metric("perplexity_from_nll")
-    return metric.compute(nll=[nll_sum], num_tokens=[int(count)])
+    """exp(total NLL / count): count is tokens, or words for word-level perplexity."""
+    if count <= 0:
+        raise ValueError("perplexity needs a positive number of tokens (or words)")
+    loss = nll_sum / count
+    return {"perplexity": math.exp(loss), "loss": loss}
 
 
 # -----------------------------------------------------------------------------
@@ -381,8 +379,10 @@ def lambada_accuracy(model, tokenizer, texts, batch_size=16, accelerator=None, d
         from accelerate.utils import gather_object
 
         predictions, references = gather_object(predictions), gather_object(references)
-    result = load_metric("last_word_accuracy").compute(predictions=predictions, references=references)
-    return dict(accuracy=result["accuracy"], correct=result["correct"], total=result["total"],
+    if not references:
+        raise ValueError("lambada: no examples")
+    correct = sum(p == r for p, r in zip(predictions, references))  # every token of the word right
+    return dict(accuracy=correct / len(references), correct=correct, total=len(references),
                 ppl=_perplexity(nll, n_target)["perplexity"], n_target_tokens=int(n_target))
 
 
@@ -427,3 +427,56 @@ def load_benchmark(name, file=None):
         return rows
     # HF's perplexity recipe joins WikiText rows with blank lines; PTB is one sentence per line
     return ("\n\n" if name.startswith("wikitext") else "\n").join(rows)
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness: HellaSwag, LAMBADA, WikiText, ARC, PIQA, ... on the loaded model
+
+
+def lm_eval_benchmarks(model, tokenizer, tasks, tasks_dir=None, batch_size=8, limit=None, num_fewshot=None,
+                       log_samples=False):
+    """lm-evaluation-harness tasks (its names, or YAML tasks in tasks_dir) on this model, through its Hugging Face
+    model class (what `lm_eval --model hf` uses), so the numbers are the ones the field reports.
+
+    Returns ({task: {"metrics": {name: value}, "stderr": {name: value}, "n": examples, "dataset": Hub id or a
+    builder like "json", "dataset_config", "num_fewshot"}},
+    lm-eval's full output). limit: examples per task (for a quick look; not comparable numbers)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("lm-evaluation-harness is not installed: pip install -e \".[eval]\" (or pip install "
+                         "lm_eval)") from None
+    if tasks_dir is not None and not Path(tasks_dir).is_dir():
+        raise FileNotFoundError(f"--tasks_dir {tasks_dir}: no such folder")
+    manager = None
+    if tasks_dir is not None:  # indexing lm-eval's ~10,000 built-in task files takes 5-15 s: only when needed
+        manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+        if not set(tasks) <= set(manager.all_tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=str(tasks_dir) if tasks_dir else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"--benchmarks: {unknown} are neither ours ({', '.join(BENCHMARKS)}) nor lm-evaluation-harness "
+                         "tasks (lm_eval ls tasks lists them; local YAML tasks go in --tasks_dir)")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+              max_length=max_context(model))
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)
+    except OSError as e:  # its tasks' data come from the Hub
+        raise ValueError(f"lm-evaluation-harness: {_first_line(e)}; its tasks download their data from the Hub "
+                         "once (then it is cached): run with network, or give local tasks with --tasks_dir") from None
+    results = {}
+    for task in tasks:
+        raw = out["results"].get(task, {})
+        values = {k: v for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        config = out.get("configs", {}).get(task, {})
+        results[task] = dict(
+            metrics={k.split(",")[0]: v for k, v in values.items() if "_stderr" not in k and k != "sample_len"},
+            stderr={k.split(",")[0].replace("_stderr", ""): v for k, v in values.items() if "_stderr" in k},
+            n=out.get("n-samples", {}).get(task, {}).get("effective"),
+            dataset=config.get("dataset_path"), dataset_config=config.get("dataset_name"),
+            num_fewshot=out.get("n-shot", {}).get(task))
+    return results, out

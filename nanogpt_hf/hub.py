@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import (
-    CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData, get_token,
+    CommitOperationAdd, DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData, get_token,
 )
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -119,6 +119,48 @@ def _dataset_info(out_dir: Path, train_cfg: dict, results: dict) -> tuple[str | 
     return (str(name) if name is not None else None), meta
 
 
+def _hub_model_id(name) -> str | None:
+    """--init_from as a Hub model id for the card's base_model (gpt2* are openai-community's); None for a path."""
+    if not isinstance(name, str):
+        return None
+    if name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        return f"openai-community/{name}"
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else None
+
+
+def _eval_results(evals: dict, model_name: str) -> list:
+    """eval_results.json (written by examples/eval.py) -> model-index entries: lm-evaluation-harness tasks and
+    the loss on prepared data."""
+    out = []
+    for task, r in (evals.get("lm_eval") or {}).items():
+        for metric, value in (r.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+                dataset = r.get("dataset") if "/" in str(r.get("dataset")) else task  # a Hub id, else the task's name
+                out.append(EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=task,
+                                      dataset_config=r.get("dataset_config"),
+                                      metric_type=metric.split(",")[0], metric_value=value,
+                                      metric_name=metric.split(",")[0], source_name="lm-evaluation-harness",
+                                      source_url="https://github.com/EleutherAI/lm-evaluation-harness"))
+    for split, r in (evals.get("data") or {}).items():
+        if isinstance(r.get("loss"), (int, float)):
+            out.append(EvalResult(task_type="text-generation", dataset_type=str(r.get("dataset") or "custom"),
+                                  dataset_name=f"{r.get('dataset') or 'data'} {split}", dataset_split=split,
+                                  metric_type="loss", metric_value=r["loss"], metric_name=f"{split} loss"))
+    return out
+
+
+def _evals_table(evals: dict) -> str:
+    rows = [f"| {task} | {metric.split(',')[0]} | {value:.4f} |" for task, r in (evals.get("lm_eval") or {}).items()
+            for metric, value in (r.get("metrics") or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric]
+    rows += [f"| {r.get('dataset') or 'data'} {split} | loss | {r['loss']:.4f} |"
+             for split, r in (evals.get("data") or {}).items() if isinstance(r.get("loss"), (int, float))]
+    if not rows:
+        return ""
+    return ("## Evaluation\n\nZero-shot, from `examples/eval.py` (lm-evaluation-harness "
+            f"{evals.get('lm_eval_version', '')}):\n\n| task | metric | value |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def model_card_text(out_dir, repo_id: str | None = None) -> str:
     """The model card (README.md) for out_dir as a string; whatever is missing reads "n/a"."""
     out_dir = Path(out_dir)
@@ -128,16 +170,23 @@ def model_card_text(out_dir, repo_id: str | None = None) -> str:
     dataset, meta = _dataset_info(out_dir, train_cfg, results)
     repo_id = repo_id or train_cfg.get("hub_model_id") or f"<user>/{out_dir.resolve().name}"
     is_gpt2 = config.get("model_type") == "gpt2"  # the --export_gpt2 copy: vanilla transformers, no remote code
+    adapter = _read_json(out_dir / "adapter" / "adapter_config.json")  # a LoRA run: merged model + adapter/
+    evals = _read_json(out_dir / "eval_results.json")
 
     # YAML metadata: what the Hub indexes and its validator checks
     license_id = train_cfg.get("license") if isinstance(train_cfg.get("license"), str) else DEFAULT_LICENSE
-    tags = ["nanogpt", "nanogpt_hf", "gpt2" if is_gpt2 else "custom_code", "causal-lm"]
+    tags = ["nanogpt", "nanogpt_hf", "gpt2" if is_gpt2 else "custom_code", "causal-lm"] + \
+        (["peft", "lora"] if adapter else [])
+    eval_results = _eval_results(evals, repo_id.split("/")[-1])
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license_id,
         tags=tags,
         datasets=[dataset] if dataset and "/" in dataset else None,  # only real Hub dataset ids: user/name
+        base_model=_hub_model_id(adapter.get("base_model_name_or_path") or train_cfg.get("init_from")),
+        model_name=repo_id.split("/")[-1] if eval_results else None,
+        eval_results=eval_results or None,
     )
 
     # numbers
@@ -178,6 +227,32 @@ NanoGPTForCausalLM.from_pretrained("{repo_id}").to_gpt2().save_pretrained("gpt2-
         export = (f"`trust_remote_code=True` runs the two small source files in this repo. This model uses "
                   f"{config.get('position_embedding')} positions, which GPT-2 does not have, so there is no "
                   f"`to_gpt2()` export.")
+    remote = "" if is_gpt2 else ",trust_remote_code=True"
+    engines = """For engines that serve GPT-2 natively, export once to a plain `GPT2LMHeadModel` (learned positions only,
+see above), then: vLLM `vllm serve gpt2-export`; llama.cpp `python convert_hf_to_gguf.py gpt2-export`; ONNX Runtime
+through `torch.onnx.export(..., dynamo=True)` of the exported model (or of this one directly: it exports with an
+attention mask)."""
+    lm_eval_cmd = f"""Benchmarks with [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) (`pip install lm_eval`):
+
+```bash
+lm_eval --model hf --model_args pretrained={repo_id}{remote} --tasks hellaswag,lambada_openai,arc_easy,piqa,wikitext
+```"""
+    if adapter:
+        lora = f"""This repo holds the **merged** model (LoRA adapter folded into the weights: loads with plain transformers, as
+above) and, in `adapter/`, the **LoRA adapter** alone (r={adapter.get('r')}, alpha={adapter.get('lora_alpha')}, on
+{', '.join(sorted(adapter.get('target_modules') or []))}) for its base model
+`{adapter.get('base_model_name_or_path')}`:
+
+```python
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder/adapter")  # a local copy: base + adapter
+base = AutoModelForCausalLM.from_pretrained("{adapter.get('base_model_name_or_path')}")
+model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter")  # from the Hub
+```"""
+    else:
+        lora = ""
     setup = "".join(f", {label} {results[key]}" for key, label in (("world_size", "processes:"),
                     ("mixed_precision", "mixed precision:")) if results.get(key) is not None)
     model_class = "GPT-2 (`GPT2LMHeadModel`)" if is_gpt2 else "nanoGPT decoder-only transformer (`NanoGPTForCausalLM`)"
@@ -215,8 +290,15 @@ Hugging Face transformers, datasets and accelerate.
 
 {load}
 
+{lora}
+
 {export}
-"""
+
+{engines}
+
+{lm_eval_cmd}
+
+{_evals_table(evals)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content
 
 

@@ -8,6 +8,12 @@ Tokenizers for nanogpt_hf, all saved in Hugging Face format so every trained mod
   Unknown characters: the vocab has no spare id (that would make it 66), so a character that is not in the
   vocabulary is encoded as the replacement character `unk_char` (a space when the vocab has one, recorded in
   meta.json). prepare never meets one: it builds the vocab from all of the text it encodes.
+  One special token follows the characters: `<|endoftext|>` (id n, the last one, like GPT-2's EOT), declared as the
+  tokenizer's bos/eos/pad token. Tools that need one (lm-evaluation-harness: a prefix for an empty context, a
+  stop string, a pad id) then work, and no character is sacrificed: declaring "\n" instead would make
+  decode(skip_special_tokens=True), which pipeline() uses, drop every newline. prepare does not insert it into
+  the shards (their ids are nanoGPT's); it only makes vocab_size n + 1. Data dirs prepared before it existed
+  (vocab n, no special token) keep working as they are (lm-eval then needs prefix_token_id=...).
 - `gpt2_tokenizer()`: GPT-2 BPE as a GPT2TokenizerFast built from the very files tiktoken uses (its cache, or
   a download), so it agrees with tiktoken's "gpt2" encoding id for id. prepare encodes with tiktoken (fast,
   nanoGPT's) and saves this one next to the shards.
@@ -22,6 +28,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 GPT2_EOT = 50256
+CHAR_EOT = "<|endoftext|>"  # a character tokenizer's one special token (bos = eos = pad), id len(chars)
 GPT2_FILES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # sha256 of encoder.json / vocab.bpe, as tiktoken_ext.openai_public checks them
 GPT2_FILE_HASHES = {
@@ -39,8 +46,9 @@ def default_unk_char(chars):
     return " " if " " in chars else chars[0]
 
 
-def build_char_tokenizer(chars, unk_char=None):
-    """chars: any iterable of characters (a string works: its distinct characters are used)."""
+def build_char_tokenizer(chars, unk_char=None, eot=CHAR_EOT):
+    """chars: any iterable of characters (a string works: its distinct characters are used). eot: the special
+    token after them (bos/eos/pad, id len(chars)), or None for none (vocab = the characters, as before)."""
     chars = sorted(set(chars))
     if not chars:
         raise ValueError("cannot build a character tokenizer from empty text")
@@ -56,12 +64,16 @@ def build_char_tokenizer(chars, unk_char=None):
     # clean_up_tokenization_spaces would turn "a ." into "a." on decode; a char model must round-trip exactly.
     # unk_char is deliberately not declared as the HF unk_token: decode(skip_special_tokens=True), which
     # pipeline() uses, would then drop every space.
-    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    if eot is not None:
+        tokenizer.add_special_tokens({"bos_token": eot, "eos_token": eot, "pad_token": eot})  # id len(chars)
+    return tokenizer
 
 
 def char_vocab(tokenizer):
-    """The {char: id} table of a character tokenizer (what nanoGPT called stoi)."""
-    vocab = tokenizer.get_vocab()
+    """The {char: id} table of a character tokenizer (what nanoGPT called stoi), special tokens left out."""
+    special = set(tokenizer.all_special_tokens)
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if t not in special}
     if any(len(t) != 1 for t in vocab):
         raise ValueError("not a character-level tokenizer (it has multi-character tokens)")
     return vocab

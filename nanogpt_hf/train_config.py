@@ -39,7 +39,7 @@ CHOICES = {
     "optimizer": ("adamw", "muon"),
 }
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position_embedding", "activation_function",
-                "vocab_multiple")
+                "vocab_multiple", "lora_r", "lora_alpha", "lora_target_modules")
 
 
 @dataclass
@@ -82,6 +82,11 @@ class TrainConfig:
     muon_learning_rate: float = 0.02  # --optimizer muon: Muon's max lr, on learning_rate's schedule scaled to it
     muon_momentum: float = 0.95  # --optimizer muon: Muon's (Nesterov) momentum
     muon_weight_decay: float = 0.0  # --optimizer muon: Muon's decoupled weight decay (the speedrun's: 0)
+    # LoRA (PEFT): train low-rank adapters only, on a pretrained --init_from; see nanogpt_hf/lora.py
+    lora_r: int = 0  # adapter rank; 0: no LoRA, train every weight
+    lora_alpha: float = 16.0  # adapter scale alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_target_modules: str = "c_attn,c_proj,c_fc"  # comma-separated module names: attention and MLP projections
     # learning rate schedule
     decay_lr: bool = True  # warmup + cosine decay; False: constant learning_rate
     warmup_iters: int = 2000  # how many steps to warm up for
@@ -152,6 +157,9 @@ class TrainConfig:
         if self.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", self.hub_model_id):
             raise ValueError(f"--hub_model_id must look like 'user/name', got {self.hub_model_id!r}")
         check_init_from(self.init_from)
+        from .lora import check_config
+
+        check_config(self)
 
     def to_dict(self):
         return dataclasses.asdict(self)

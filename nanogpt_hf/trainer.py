@@ -23,6 +23,7 @@ Batches are a pure function of (seed, iteration): resuming needs only the iterat
 the same updates on 1 process with 2 accumulation steps as on 2 processes with 1.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,6 +45,7 @@ from . import checkpoint as ckpt
 from .checkpoint import CHECKPOINT_SLEEP_ENV, find_checkpoint, full_state_dict, quiet_progress  # noqa: F401 (API)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import TokenShards
+from .lora import base_source, save_model_files
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .optim import build_optimizer, lr_scales, set_lr
 from .train_config import ARCHITECTURE, TrainConfig, resolve_mixed_precision
@@ -133,11 +135,12 @@ def check_resumable(state, cfg, data, ckpt_dir, tokenizer_hash=None):
     """Refuse to resume into a different model: the architecture, the optimizer and the data's vocab (its size and,
     where both are known, its tokenizer's hash) must match."""
     saved = state["config"]
-    diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r} (now)" for k in ARCHITECTURE
-             if saved.get(k) != getattr(cfg, k)]
+    saved = {k: saved.get(k, getattr(TrainConfig, k)) for k in ARCHITECTURE}  # keys newer than the checkpoint: default
+    diffs = [f"{k} {saved[k]!r} (checkpoint) vs {getattr(cfg, k)!r} (now)" for k in ARCHITECTURE
+             if saved[k] != getattr(cfg, k)]
     # a checkpoint's optimizer state loads only into the same optimizer (checkpoints from before Muon: AdamW)
-    if saved.get("optimizer", "adamw") != cfg.optimizer:
-        diffs.append(f"optimizer {saved.get('optimizer', 'adamw')!r} (checkpoint) vs {cfg.optimizer!r} (now)")
+    if state["config"].get("optimizer", "adamw") != cfg.optimizer:
+        diffs.append(f"optimizer {state['config'].get('optimizer', 'adamw')!r} (checkpoint) vs {cfg.optimizer!r} (now)")
     if state["data_vocab_size"] != data.vocab_size:
         diffs.append(f"the data's vocab_size {state['data_vocab_size']} (checkpoint) vs {data.vocab_size} "
                      f"(now, {cfg.data_dir})")
@@ -215,6 +218,8 @@ def move_into(tmp, out_dir):
     mode = ckpt.file_mode()
     for path in sorted(tmp.iterdir(), key=lambda p: (p.suffix != ".safetensors", p.name)):
         os.chmod(path, mode)
+        if path.is_dir():  # a LoRA run's adapter/: os.replace can't overwrite a non-empty folder
+            shutil.rmtree(out_dir / path.name, ignore_errors=True)
         os.replace(path, out_dir / path.name)
     tmp.rmdir()
     from .hub import write_model_card
@@ -233,9 +238,8 @@ def save_model_dir(accelerator, model, tokenizer, cfg, results, history):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             if model is not None:
-                with quiet_progress():
-                    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp,
-                                                                                              state_dict=state_dict)
+                with quiet_progress():  # a LoRA run: the merged model + adapter/ (lora.py)
+                    save_model_files(accelerator.unwrap_model(model, keep_torch_compile=False), state_dict, tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
             write_run_files(tmp, cfg, results, history)
@@ -393,7 +397,11 @@ def _train(cfg, stop, lock):
                              "with --init_from scratch (or a pretrained model)")
         check_resumable(state, cfg, train_data, ckpt_dir, tokenizer_hash)
         print0(f"resuming training from {ckpt_dir} (iter {state['iter']})")
-    model = build_model(cfg, train_data, resume_dir=ckpt_dir, log=print0)
+    lora_base = base_source(cfg, state) if cfg.lora_r else None  # LoRA checkpoints hold adapters, not the base
+    if lora_base is not None:
+        model = build_model(dataclasses.replace(cfg, init_from=lora_base), train_data, log=print0)
+    else:
+        model = build_model(cfg, train_data, resume_dir=ckpt_dir, log=print0)
     if ckpt_dir is None and cfg.init_from != "scratch":
         ckpt.check_same_tokenizer(cfg.init_from, tokenizer, f"--init_from {cfg.init_from}", data_dir)
     # what generate() and pipeline() use from out_dir: nanoGPT's sample.py settings; with learned positions a
@@ -406,6 +414,10 @@ def _train(cfg, stop, lock):
     if cfg.gradient_checkpointing:  # the new name (transformers >= 5.x) or the old one
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if cfg.lora_r:  # PEFT adapters on the projections; only they train (nanogpt_hf/lora.py)
+        from .lora import apply_lora
+
+        model = apply_lora(model, cfg, lora_base, resume_dir=ckpt_dir, verbose=master)
     raw_model = model
     print0(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     ckpt.agree(accelerator, ckpt.check_room(out_dir, model.get_num_params(non_embedding=False)) if master else None)
@@ -444,7 +456,8 @@ def _train(cfg, stop, lock):
         return {"iter": it, "best_val_loss": best_val, "history": history, "tokens_seen": tokens_seen,
                 "train_time_s": train_time, "wall_time_s": wall_before + time.time() - t_start,
                 "config": cfg.to_dict(), "data_vocab_size": train_data.vocab_size, "world_size": world,
-                "results": results, "skipped_updates": skipped, "tokenizer_hash": tokenizer_hash}
+                "results": results, "skipped_updates": skipped, "tokenizer_hash": tokenizer_hash,
+                "lora_base": lora_base}
 
     # -------------------------------------------------------------------------
     # the loop

@@ -44,7 +44,8 @@ def test_char_round_trip_split_sizes_and_shards(tmp_path, tiny_text):
     d = tmp_path / "d"
     n = int(len(text) * 0.9)  # nanoGPT: the first 90% of the characters are train
     assert meta["splits"]["train"]["num_tokens"] == n and meta["splits"]["val"]["num_tokens"] == len(text) - n
-    assert meta["vocab_size"] == len(set(text)) and meta["dtype"] == "uint16" and meta["eot_token_id"] is None
+    # the characters + the tokenizer's <|endoftext|> (never in the shards: eot_token_id stays None)
+    assert meta["vocab_size"] == len(set(text)) + 1 and meta["dtype"] == "uint16" and meta["eot_token_id"] is None
     assert meta["format_version"] == 1 and meta["tokenizer"] == "char" and meta["split_by"] == "characters"
     shards = meta["splits"]["train"]["shards"]
     assert [s["file"] for s in shards] == [f"train_{i:03d}.bin" for i in range(-(-n // 1000))]
@@ -127,7 +128,7 @@ def test_uint32_char_vocab(tmp_path):
     text = "".join(chr(0x10000 + i) for i in range(66_000)) + "\nend\n"
     (tmp_path / "wide.txt").write_text(text, encoding="utf-8")
     meta = prepare_dataset("wide", inputs=[str(tmp_path / "wide.txt")], tokenizer="char", data_dir=tmp_path / "d")
-    assert meta["dtype"] == "uint32" and meta["vocab_size"] == len(set(text))
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == len(set(text)) + 1
     tok = load_tokenizer(tmp_path / "d")
     assert tok.decode(stream(tmp_path / "d", "train")) + tok.decode(stream(tmp_path / "d", "val")) == text
 

@@ -14,10 +14,24 @@ def test_char_tokenizer_is_nanogpt_stoi_and_round_trips(tiny_text):
     text = tiny_text.read_text(encoding="utf-8") + "a . b ,\t\n\n  x  "  # spaces cleanup would eat
     tok = build_char_tokenizer(text)
     chars = sorted(set(text))
-    assert len(tok) == len(chars)
+    assert len(tok) == len(chars) + 1  # the characters, then <|endoftext|>
+    assert tok.bos_token == tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == len(chars)
     ids = tok(text)["input_ids"]
     assert ids == [chars.index(c) for c in text]  # nanoGPT: stoi = {ch: i for i, ch in enumerate(sorted chars)}
     assert tok.decode(ids) == text
+    assert len(build_char_tokenizer(text, eot=None)) == len(chars)  # the old layout: characters only
+
+
+def test_char_tokenizer_special_token_never_eats_a_character(tmp_path):
+    # pipeline() decodes with skip_special_tokens=True: every character (newlines too) must survive it, also
+    # after a save/load round trip; the special token itself is what gets skipped
+    text = "ab\nc d\n"
+    build_char_tokenizer(text).save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(ids) == text + "<|endoftext|>"
+    assert tok.bos_token_id == tok.eos_token_id == tok.pad_token_id == len(set(text))
 
 
 def test_char_tokenizer_unknown_characters_map_to_replacement():
