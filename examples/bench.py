@@ -96,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--prepare_mb", type=float, default=20, help="--what prepare: MB of text (--text or Python's "
                                                                 "standard library, repeated or cut to this size)")
     p.add_argument("--prepare_repeats", type=int, default=3, help="--what prepare: runs of each (median)")
+    p.add_argument("--prepare_tokenizers", default="gpt2,hf",
+                   help="--what prepare: gpt2 (tiktoken) and/or hf (the same BPE as a tokenizers folder)")
     p.add_argument("--num_proc", type=int, help="--what prepare: tokenizer processes (default: all cores)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; on a busy machine fewer threads than "
                                                "cores avoids thrashing)")
@@ -211,7 +213,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="nanogpt_bench_prepare_") as tmp:
             try:
                 text = bench_text(args.text, tmp, args.prepare_mb)
-                r = bench_prepare(text, tmp, num_proc=args.num_proc, repeats=args.prepare_repeats)
+                r = bench_prepare(text, tmp, num_proc=args.num_proc, repeats=args.prepare_repeats,
+                                  tokenizers=[t for t in args.prepare_tokenizers.split(",") if t])
             except (ValueError, OSError) as e:
                 sys.exit(f"error: {e}")
         results["prepare"] = r

@@ -751,6 +751,10 @@ def _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, k
 
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         pool = ctx.Pool(num_proc)
+    elif kind == "hf":  # Rust encodes on all cores without the GIL: one thread overlaps it with reading and writing
+        from multiprocessing.pool import ThreadPool
+
+        pool = ThreadPool(1)
     try:
         for split, state in progress["splits"].items():
             if not state["done"]:
