@@ -149,6 +149,10 @@ def load_tokenizer(path):
     path = Path(path)
     tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
     if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        from .data import llmc_meta
+
+        if not (path / "meta.json").is_file() and path.is_dir() and llmc_meta(path) is not None:
+            return gpt2_tokenizer()  # a folder of llm.c shards: GPT-2 tokens by that format's definition
         raise FileNotFoundError(
             f"no tokenizer in {path} (expected {path}/tokenizer/tokenizer.json); prepare the data with "
             "examples/prepare.py"

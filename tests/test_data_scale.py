@@ -186,14 +186,16 @@ def write_llmc_shard(path, tokens):
         f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
 
 
-def test_a_folder_of_llmc_shards_trains_and_evaluates(tmp_path, capsys):
+def test_a_folder_of_llmc_shards_trains_and_evaluates(tmp_path, capsys, tiktoken_cache):
     from nanogpt_hf import NanoGPTForCausalLM
     from nanogpt_hf.evaluation import evaluate_loss
 
     d = tmp_path / "fineweb10B"
     d.mkdir()
     rng = np.random.default_rng(0)
-    val, train = rng.integers(0, 50257, 3000), rng.integers(0, 50257, 20000)
+    # 50 of the 50,257 ids, drawn at random: learnable in 2 steps, so the run has a best model to save
+    vocab = rng.integers(0, 50257, 50)
+    val, train = rng.choice(vocab, 3000), rng.choice(vocab, 20000)
     write_llmc_shard(d / "fineweb_val_000000.bin", val)
     write_llmc_shard(d / "fineweb_train_000001.bin", train[:12000])
     write_llmc_shard(d / "fineweb_train_000002.bin", train[12000:])
@@ -204,6 +206,9 @@ def test_a_folder_of_llmc_shards_trains_and_evaluates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("llm.c token shards without meta.json; assuming the GPT-2 tokenizer") == 1
     assert np.isfinite(results["val_loss"]) and results["val_loss"] > 0
+    assert "will have no tokenizer" not in out  # the GPT-2 tokenizer the format implies goes into out_dir
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").encode("Hello world") == [15496, 995]
     model = NanoGPTForCausalLM.from_pretrained(tmp_path / "out")
     loss = evaluate_loss(model, TokenShards(d, "val"), batch_size=8, block_size=16, full=True, progress=False)
     assert np.isfinite(loss["loss"] if isinstance(loss, dict) else loss)
