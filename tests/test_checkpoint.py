@@ -209,7 +209,11 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_iteration(char_data_dir, tmp
     wait_for(lambda: dump_lines(out / "dump/rank1.jsonl") >= 3, proc, "3 iterations")
     rank1 = next(p for p in children(proc.pid) if rank_of(p) == 1)
     os.kill(rank1, signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the ranks did not stop: {proc.communicate()[0][-3000:]}") from None
     assert proc.returncode != 0  # torchrun reports the workers' exit code 143 as a failure
     assert "exitcode  : 143" in output or "exit code 143" in output, output[-3000:]
     newest = ckpt.find_checkpoint(out / "checkpoints")
