@@ -126,7 +126,7 @@ def test_sigkill_just_before_the_swap_keeps_the_old_dataset(tmp_path, tiny_text)
     assert TokenShards(d).num_tokens == read_meta(d)["splits"]["train"]["num_tokens"]
     assert np.isfinite(train_tiny(d, tmp_path / "out")["val_loss"])
     prepare_dataset("y", data_dir=d, inputs=[str(other)], tokenizer="char", overwrite=True)
-    assert read_meta(d)["dataset"] == "y" and TokenShards(d).vocab_size == len(set(other.read_text()))
+    assert read_meta(d)["dataset"] == "y" and TokenShards(d).vocab_size == len(set(other.read_text())) + 1  # + <|endoftext|>
     assert (d / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".d.*"))
 
 

@@ -148,7 +148,8 @@ def test_fp16_loss_scaling_covers_both_optimizers(char_data_dir, tmp_path):
     assert find_checkpoint(tmp_path / "fp16/checkpoints").name == "step_000009"
 
 
-def test_ddp_two_cpu_processes_with_muon(char_data_dir, tmp_path):
+@pytest.mark.usefixtures("one_thread")  # as torchrun's workers (OMP_NUM_THREADS=1): Muon's bf16 steps amplify the
+def test_ddp_two_cpu_processes_with_muon(char_data_dir, tmp_path):  # last bits a thread count changes
     """2 processes x 1 accumulation step train like 1 process x 2: Muon sees the all-reduced gradients."""
     from test_distributed import check_data_parallel, ddp_cfg, finish, free_port, torchrun
 
