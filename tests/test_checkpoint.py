@@ -50,7 +50,8 @@ def start(cfg, env=None, launcher=()):
     """examples/train.py with cfg in a real process (stdout+stderr captured together)."""
     cmd = [sys.executable, *launcher, str(ROOT / "examples/train.py"), *tiny_args(cfg)]
     return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # a process group: a hung run is killed with its workers
 
 
 def wait_for(condition, proc, what, timeout=120):
@@ -212,7 +213,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_iteration(char_data_dir, tmp
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers (which hold the output pipe too)
         raise AssertionError(f"the ranks did not stop: {proc.communicate()[0][-3000:]}") from None
     assert proc.returncode != 0  # torchrun reports the workers' exit code 143 as a failure
     assert "exitcode  : 143" in output or "exit code 143" in output, output[-3000:]
