@@ -13,21 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from nanogpt_hf.trainer import train
 from test_trainer import nan_at, tiny_cfg
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 DIVERGE = dict(nan_policy="skip", learning_rate=1e6, min_lr=1e5, max_iters=12, eval_interval=4, lr_decay_iters=12)

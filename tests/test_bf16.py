@@ -8,9 +8,9 @@ import pytest
 
 from nanogpt_hf.train_config import TrainConfig, cpu_bf16_matmul, resolve_mixed_precision
 from nanogpt_hf.trainer import train
-from test_trainer import fresh_accelerate_state, read_dump, tiny_cfg  # noqa: F401 (fixture)
+from test_trainer import read_dump, tiny_cfg
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
 SHAKESPEARE_CHAR = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64)
 

@@ -29,16 +29,10 @@ from nanogpt_hf import checkpoint as ckpt
 from nanogpt_hf.trainer import train
 from test_trainer import read_dump, tiny_args, tiny_cfg
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def reset():

@@ -16,9 +16,9 @@ from transformers import StaticCache
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.trainer import train
-from test_trainer import fresh_accelerate_state, read_dump, tiny_cfg  # noqa: F401 (fixture)
+from test_trainer import read_dump, tiny_cfg
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 def graph_breaks(fn, *args, **kwargs):

@@ -19,9 +19,9 @@ from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.optim import CombinedOptimizer, build_optimizer, lr_scales, set_lr, split_params
 from nanogpt_hf.trainer import find_checkpoint, get_lr, train
 from test_trainer import ROOT, final_weights, kill_9_while_writing_checkpoint, read_dump, tiny_cfg
-from test_trainer import fresh_accelerate_state  # noqa: F401 (autouse: a fresh Accelerate state per test)
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+pytestmark = [pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9"),
+              pytest.mark.usefixtures("fresh_accelerate_state")]
 
 
 def muon_cfg(data_dir, out_dir, **overrides):

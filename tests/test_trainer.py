@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.train_config import TrainConfig
 from nanogpt_hf.trainer import CHECKPOINT_SLEEP_ENV, build_model, find_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,15 +48,6 @@ def read_dump(path):
 def final_weights(out_dir):
     return load_file(find_checkpoint(Path(out_dir) / "checkpoints") / "model.safetensors")
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps its state in process-wide singletons; each train() here must start from scratch."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 # -----------------------------------------------------------------------------
