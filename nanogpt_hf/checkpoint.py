@@ -467,8 +467,13 @@ class StopSignals:
             signum, *flags = values.tolist()
             if signum and self.signum is None:
                 self.signum = int(signum)  # another rank's signal: stop with it
-            flags = [f > 0 for f in flags]
-        return (self.requested, *flags) if flags else self.requested
+            # the reduced value, not self.requested: a signal landing here, after the all-reduce, would make this
+            # rank stop an iteration before the others (which then hang in their next collective); it counts at
+            # the next call instead
+            stopping, flags = signum > 0, [f > 0 for f in flags]
+        else:
+            stopping = self.requested
+        return (stopping, *flags) if flags else stopping
 
     def interrupted(self, path, it):
         """The Interrupted to raise after the checkpoint path (None: there is none, nothing was trained yet)."""

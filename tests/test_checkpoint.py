@@ -392,3 +392,36 @@ def test_slurm_example_is_valid_bash_and_matches_the_trainer():
         text = (folder / name).read_text()
         assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text and "launch.sh" in text
         assert re.search(r"#SBATCH --nodes=(\d)", text)[1] == ("1" if "1node" in name else "2")
+
+
+def _agree_with_a_late_signal(rank, init_file, results):
+    """A rank of a 2-process gloo group: rank 1 receives a real SIGTERM right after the stop flag's all-reduce
+    (the worst moment); both ranks must still answer the same."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))  # what agreed() reads of it
+    real_all_reduce = dist.all_reduce
+    if rank == 1:
+        def all_reduce_then_signal(*args, **kwargs):
+            out = real_all_reduce(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before agreed() goes on
+            return out
+        dist.all_reduce = all_reduce_then_signal
+    with ckpt.StopSignals() as stop:
+        answers = [stop.agreed(accelerator)]
+        dist.all_reduce = real_all_reduce
+        answers.append(stop.agreed(accelerator))  # the late signal counts here, on both ranks
+    results[rank] = answers
+    dist.destroy_process_group()
+
+
+def test_a_signal_right_after_the_all_reduce_stops_every_rank_at_the_same_call(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agree_with_a_late_signal, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0] == results[1] == [False, True]
