@@ -157,9 +157,9 @@ CHILD = textwrap.dedent("""
     sys.path = [p for p in sys.path if p and p.rstrip("/") != "{repo}"]
     assert importlib.util.find_spec("nanogpt_hf") is None, "nanogpt_hf should not be importable"
     # (test speed only: index the --include_path tasks, not lm-eval's ~10,000 built-in task files, 5-15 s)
-    from lm_eval.tasks import manager
-    init = manager.TaskManager.__init__
-    manager.TaskManager.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False})
+    from lm_eval.tasks import TaskManager  # (lm_eval.tasks.manager.TaskManager since 0.4.11)
+    init = TaskManager.__init__
+    TaskManager.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False})
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm_eval"] + sys.argv[1:]
     cli_evaluate()
