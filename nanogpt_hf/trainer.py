@@ -630,6 +630,10 @@ def _train(cfg, stop, lock):
     if master and cfg.sample_at_end:
         print_samples(out_dir, cfg.sample_at_end, accelerator)
     accelerator.wait_for_everyone()
+    # the DDP wrapper goes first: its Reducer holds the process group, and freed only after end_training had
+    # destroyed the group, its gloo destructor deadlocked at exit (seen in a 2-process CPU run, accelerate 1.6)
+    del model
+    accelerator.free_memory()
     accelerator.end_training()  # trackers closed; in a distributed run, the process group too
     return results
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,15 @@ def torchrun(cfg, *launcher_args):
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(ROOT / "examples/train.py"),
            *tiny_args(cfg)]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 cores: one thread per process
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # a process group: finish() kills a hung run with its workers
 
 
 def finish(proc, timeout=300):
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (which hold the output pipe too)
         out, _ = proc.communicate()
     assert proc.returncode == 0, out[-4000:]
     return out
