@@ -393,13 +393,13 @@ class OutDirLock:
         self.release()
 
 
-def checkpoint_bytes(num_params, optimizer="adamw"):
+def checkpoint_bytes(num_params):
     """About what one checkpoint takes on disk: fp32 weights plus the optimizer's state (AdamW: two fp32 moments
-    per weight; Muon: at most that), plus 5% and 1 MB for the rest."""
+    per weight; Muon: at most that, so one bound serves both), plus 5% and 1 MB for the rest."""
     return int(num_params * 4 * 3 * 1.05) + (1 << 20)
 
 
-def check_room(out_dir, num_params, optimizer="adamw"):
+def check_room(out_dir, num_params):
     """None, or a one-line reason why out_dir can't take a checkpoint and a best model: not writable, or too
     little free space."""
     folder = Path(out_dir) / "checkpoints"
@@ -410,7 +410,7 @@ def check_room(out_dir, num_params, optimizer="adamw"):
         probe.unlink()
     except OSError as e:
         return f"--out_dir {out_dir} is not writable ({write_error(e)}: {getattr(e, 'filename', None) or folder})"
-    need = checkpoint_bytes(num_params, optimizer) + num_params * 4  # a checkpoint, and the best model
+    need = checkpoint_bytes(num_params) + num_params * 4  # a checkpoint, and the best model
     free = shutil.disk_usage(folder).free
     if free < need:
         return (f"--out_dir {out_dir} has {free / 2**20:.1f} MB free, but a checkpoint and the best model of this "
