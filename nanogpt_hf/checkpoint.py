@@ -158,6 +158,14 @@ def file_mode():
     return 0o666 & ~mask
 
 
+def apply_umask(folder):
+    """Every file below folder gets the umask's mode (safetensors writes 0600); folders keep theirs."""
+    mode = file_mode()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 # -----------------------------------------------------------------------------
 # RNG state: each rank's dropout stream
 
@@ -299,10 +307,7 @@ def save(accelerator, model, optimizer, out_dir, state, keep=2, state_dict=None)
     if main and not errors:
         with saving(tmp, errors):
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            mode = file_mode()
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    os.chmod(path, mode)  # the umask's mode (safetensors writes 0600)
+            apply_umask(tmp)
             write_manifest(tmp)
             shutil.rmtree(final, ignore_errors=True)  # only there if this step was saved before
             os.rename(tmp, final)  # atomic: from now on the checkpoint exists, and it is complete
@@ -485,7 +490,7 @@ class StopSignals:
 __all__ = ["save", "load", "load_latest", "find_checkpoint", "checkpoints", "verify", "write_manifest",
            "remove_unfinished_writes", "OutDirLock", "check_room", "StopSignals", "Interrupted",
            "CheckpointWriteError", "EXIT_CODES", "CHECKPOINT_SLEEP_ENV", "full_state_dict", "rng_state",
-           "set_rng_state", "torch_save", "agree", "file_mode", "describe_newest"]
+           "set_rng_state", "torch_save", "agree", "file_mode", "apply_umask", "describe_newest"]
 
 
 # -----------------------------------------------------------------------------

@@ -215,9 +215,8 @@ def write_run_files(folder, cfg, results, history):
 def move_into(tmp, out_dir):
     """tmp's files -> out_dir with os.replace (atomic per file; weights first), with the umask's mode (safetensors
     creates 0600 files), then the model card, which is rendered from what out_dir now holds."""
-    mode = ckpt.file_mode()
+    ckpt.apply_umask(tmp)  # files only: a LoRA run's adapter/ folder must stay traversable
     for path in sorted(tmp.iterdir(), key=lambda p: (p.suffix != ".safetensors", p.name)):
-        os.chmod(path, mode)
         if path.is_dir():  # a LoRA run's adapter/: os.replace can't overwrite a non-empty folder
             shutil.rmtree(out_dir / path.name, ignore_errors=True)
         os.replace(path, out_dir / path.name)

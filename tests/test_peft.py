@@ -70,6 +70,7 @@ def test_lora_learns_saves_adapter_only_and_merged_equals_base_plus_adapter(char
 
     # out_dir: the merged model, a plain model dir (no adapter_config.json at its top), and the adapter
     assert not (out / "adapter_config.json").exists() and (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter").stat().st_mode & 0o111 == 0o111  # the folder stays traversable (not given 0644)
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(merged).__name__ == "NanoGPTForCausalLM"
     # the model card's lines: GPT2LMHeadModel (the base, from adapter_config.json) + the adapter
