@@ -82,22 +82,28 @@ def bench_prompts(text):
     return [text[i * step:i * step + 20] for i in range(BENCH_PROMPTS)]
 
 
-def our_throughput(model, tokenizer, prompts):
-    """Our batched generate() (left padding, KV cache), greedy: new tokens per second."""
+def our_bench(folder):
+    """A function timing one run of our batched generate() (left padding, KV cache, greedy) on the model in folder,
+    loaded as its users load it: AutoModelForCausalLM with the folder's own code (trust_remote_code)."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"  # (the char tokenizer's pad token is its <|endoftext|>)
+    prompts = json.loads((Path(folder) / "reference.json").read_text())["bench_prompts"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=BENCH_TOKENS, min_new_tokens=BENCH_TOKENS, do_sample=False,
               pad_token_id=tokenizer.pad_token_id)
     model.generate(**enc, **(kw | dict(max_new_tokens=5, min_new_tokens=5)))  # warm-up
-    times = []
-    for _ in range(REPEATS):  # the best of a few: the machine may be shared
+
+    def run():
         t0 = time.perf_counter()
         out = model.generate(**enc, **kw)
-        times.append(time.perf_counter() - t0)
         assert out.shape[1] - enc["input_ids"].shape[1] == BENCH_TOKENS
-    return len(prompts) * BENCH_TOKENS / min(times)
+        return time.perf_counter() - t0
+    return run
 
 
 def build(work):
@@ -135,11 +141,9 @@ def build(work):
                 model.save_pretrained(work / "bpe-src")
                 tokenizer.save_pretrained(work / "bpe-src")
         ref = {"served": served, "position": pe, "tokenizer": tok_name, "prompts": PROMPTS,
-               "ours": our_greedy(model, tokenizer, PROMPTS, NEW_TOKENS)}
-        if name in ("rope", "learned-gpt2"):
-            ref["bench_prompts"] = bench_prompts(text)
-            ref["ours_tok_s"] = our_throughput(model, tokenizer, ref["bench_prompts"])
-            print(f"  ours: {ref['ours_tok_s']:.0f} new tokens/s ({THREADS} thread)", flush=True)
+               "ours": our_greedy(model, tokenizer, PROMPTS, NEW_TOKENS), "bench_prompts": bench_prompts(text)}
+        if name in ("rope", "learned-gpt2"):  # speed: ours timed in the vLLM process, turn about with vLLM
+            ref["bench_ours"] = str(work / ("learned" if name == "learned-gpt2" else name))
         save_json(folder / "reference.json", ref)
     print(f"built {', '.join(MODELS)} in {work}")
 
@@ -166,16 +170,22 @@ def run_vllm(work, name):
         lp = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, ids)]
         outs.append({"prompt_ids": list(o.prompt_token_ids), "ids": ids, "logprobs": lp})
     result["outputs"] = outs
-    if "bench_prompts" in ref:
+    if "bench_ours" in ref:
+        # the same prompts through vLLM and through our generate(), taking turns in the same minutes: on a shared
+        # machine the load drifts, and turns expose both to it alike; the best of REPEATS each
         bench = SamplingParams(temperature=0, max_tokens=BENCH_TOKENS, min_tokens=BENCH_TOKENS, ignore_eos=True)
         llm.generate(ref["bench_prompts"][:2], SamplingParams(temperature=0, max_tokens=5))  # warm-up
-        times = []
+        ours = our_bench(ref["bench_ours"])
+        times, our_times = [], []
         for _ in range(REPEATS):
             t0 = time.perf_counter()
             done = llm.generate(ref["bench_prompts"], bench, use_tqdm=False)
             times.append(time.perf_counter() - t0)
             assert all(len(o.outputs[0].token_ids) == BENCH_TOKENS for o in done)
-        result["tok_s"] = len(done) * BENCH_TOKENS / min(times)
+            our_times.append(ours())
+        n = len(ref["bench_prompts"]) * BENCH_TOKENS
+        result["tok_s"], result["ours_tok_s"] = n / min(times), n / min(our_times)
+        result["all_tok_s"] = {"vllm": [round(n / t) for t in times], "ours": [round(n / t) for t in our_times]}
     save_json(folder / "vllm.json", result)
     print(f"vllm {name}: done")
 
@@ -239,12 +249,12 @@ def report(work):
             same_prompt, equal, total, dlp = compare(ref["ours"], v["outputs"])
             good = same_prompt and equal == total and dlp <= VLLM_TOL and ref["position"] != "alibi"
             ok &= good
-            lines.append(f"vLLM      {what}: prompt ids {'equal' if same_prompt else 'DIFFER'}, greedy {equal}/{total}, "
-                         f"max |dlogprob| {dlp:.1e}{'' if good else '  <-- FAIL'}")
+            lines.append(f"vLLM      {what}: prompt ids {'equal' if same_prompt else 'DIFFER'}, "
+                         f"greedy {equal}/{total}, max |dlogprob| {dlp:.1e}{'' if good else '  <-- FAIL'}")
             if "tok_s" in v:
                 lines.append(f"          throughput {BENCH_PROMPTS} prompts x {BENCH_TOKENS} tokens, {THREADS} thread: "
-                             f"vLLM {v['tok_s']:.0f} tok/s, ours {ref['ours_tok_s']:.0f} tok/s, "
-                             f"ratio {v['tok_s'] / ref['ours_tok_s']:.2f}x")
+                             f"vLLM {v['tok_s']:.0f} tok/s, ours {v['ours_tok_s']:.0f} tok/s, "
+                             f"ratio {v['tok_s'] / v['ours_tok_s']:.2f}x (runs: {v['all_tok_s']})")
         if (folder / "llama.json").is_file():
             lj = json.loads((folder / "llama.json").read_text())
             same_prompt, equal, total, dlp = compare(ref["ours"], lj["outputs"])
