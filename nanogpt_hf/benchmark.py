@@ -484,7 +484,7 @@ def format_generate(r):
 
 def prepare_bench_data(text_file, root):
     """A small char-level data_dir under root: from text_file, or (offline, None) Python's standard library."""
-    from .data import prepare_dataset
+    from .prepare import prepare_dataset
 
     root = Path(root)
     if text_file is not None:
@@ -514,7 +514,7 @@ def format_data(r):
 
 def bench_text(text_file, root, mb):
     """The text to prepare: text_file, or (offline) Python's standard library source, repeated up to mb MB."""
-    from .data import stdlib_files
+    from .prepare import stdlib_files
 
     root = Path(root)
     text = Path(text_file).read_text(encoding="utf-8") if text_file else "\n".join(stdlib_files(10**9)[1])
@@ -530,7 +530,7 @@ def bare_encode(text_file, out_file, encode_batch):
     tokenizer on all cores, write the tokens as one uint16 array. Tokens/s."""
     import numpy as np
 
-    from .data import chunk_text
+    from .prepare import chunk_text
 
     t0 = time.perf_counter()
     ids = encode_batch(chunk_text(Path(text_file).read_text(encoding="utf-8")))
@@ -546,7 +546,7 @@ def bench_prepare(text_file, root, num_proc=None, repeats=3, tokenizers=("gpt2",
     import contextlib
     import io
 
-    from .data import default_num_proc, prepare_dataset
+    from .prepare import default_num_proc, prepare_dataset
     from .tokenization import gpt2_tokenizer, tiktoken_gpt2
 
     num_proc = num_proc or default_num_proc()
