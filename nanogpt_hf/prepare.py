@@ -1,17 +1,22 @@
 """
-Preparing data: text -> tokenizer -> the token shards + meta.json + tokenizer/ that nanogpt_hf/data.py describes
-and reads (examples/prepare.py is its command line).
+Preparing data, the Hugging Face way: text -> a `datasets` Dataset of rows -> one batched `.map` to token ids (on
+--num_proc processes, cached by datasets) -> the token shards + meta.json + tokenizer/ that nanogpt_hf/data.py
+describes and reads. examples/prepare.py is its command line.
 
-Preparing streams: local files are read a few MB at a time and cut into rows at whitespace (the GPT-2 tokens of
-the whole text), Hub datasets are memory-mapped or streamed, and tokens go to disk a batch at a time, so memory
-does not grow with the input. Shards are committed one by one into .NAME.partial/ (progress.json says what is
-done, so a killed prepare resumes there); the finished dataset then replaces data_dir in one rename.
+    rows    local files: Dataset.from_generator over the text, cut into rows of ~64K characters at whitespace
+            (where GPT-2's pre-tokenizer splits anyway, so the tokens are those of the whole text); Hub datasets:
+            load_dataset (memory-mapped Arrow, or an IterableDataset with --streaming), one row per document
+    tokens  rows.map(_encode, batched=True, num_proc=...): ids per row, <|endoftext|> placed per document
+    shards  the mapped Arrow files are read a batch at a time and cut into shards of shard_size tokens, each
+            committed into .NAME.partial/ (progress.json says where the rows continue, so a killed prepare
+            resumes after its last complete shard); the finished dataset then replaces data_dir in one rename.
+
+Memory does not grow with the input: rows are generated, mapped and read back a batch at a time. A second run
+with the same input and tokenizer finds the text and its tokens in the datasets cache (HF_DATASETS_CACHE).
 """
 
-import collections
 import errno
-import functools
-import itertools
+import hashlib
 import json
 import os
 import re
@@ -23,18 +28,25 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
-from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, shard_name, token_dtype
+from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, load_tokenizer, shard_name, \
+    token_dtype
 from .tokenization import (
     GPT2_EOT,
     build_char_tokenizer,
+    bytes_per_token,
     char_vocab,
     default_unk_char,
     gpt2_tokenizer,
+    is_byte_level_bpe,
     load_pretrained_tokenizer,
     tiktoken_gpt2,
+    train_bpe,
 )
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per .bin file (200 MB in uint16)
@@ -43,9 +55,12 @@ DEFAULT_MAX_BYTES = 4_000_000  # python_char: how much of the standard library t
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SLEEP_ENV = "NANOGPT_HF_PREPARE_SLEEP"  # test hook: seconds to sleep after each shard is written
 CHUNK_CHARS = 1 << 16  # long texts go to the tokenizer as rows of about this many chars
-BATCH_CHARS = 1 << 21  # chars per tokenizer batch: with 2 batches per process in flight, this bounds memory
+BATCH_BYTES = 1 << 21  # text per .map batch (and per Arrow record batch): this bounds each process's memory
+IN_PROCESS_BYTES = 1 << 22  # a split smaller than this is mapped in this process (forking costs more than it saves)
 READ_BYTES = 1 << 22  # local files are read this many bytes at a time
 DEFAULT_VAL_TOKENS = 100_000_000  # streamed datasets: val = the first ~100M tokens, llm.c's first shard
+COMPRESSION_BYTES = 1 << 23  # --tokenizer bpe: bytes of val text on which its compression is measured
+PREPARE_VERSION = 2  # in progress.json: a .partial/ of another writer version starts over
 PROGRESS_FILE, LOCK_FILE = "progress.json", ".lock"
 
 BUILTIN = {  # the datasets of nanoGPT's data/ folder, plus an offline one
@@ -88,8 +103,9 @@ def download(url, dest):
     return dest
 
 
-def iter_text(path, block=READ_BYTES):
-    """A local UTF-8 file -> its text as str pieces of about `block` bytes, read as a stream (any file size)."""
+def iter_text(path, block=READ_BYTES, digest=None):
+    """A local UTF-8 file -> its text as str pieces of about `block` bytes, read as a stream (any file size).
+    digest: a hashlib object fed the bytes read."""
     import codecs
 
     path = Path(path)
@@ -99,6 +115,8 @@ def iter_text(path, block=READ_BYTES):
     with open(path, "rb") as f:
         while True:
             data = f.read(block)
+            if digest is not None:
+                digest.update(data)
             pending = len(decoder.buffer)  # bytes of a character cut by the previous block
             try:
                 text = decoder.decode(data, final=not data)
@@ -111,10 +129,6 @@ def iter_text(path, block=READ_BYTES):
                 yield text
             if not data:
                 return
-
-
-def read_text(path):
-    return "".join(iter_text(path))
 
 
 def resolve_inputs(inputs, data_dir):
@@ -221,136 +235,228 @@ def chunk_stream(pieces, size=CHUNK_CHARS):
     yield from chunk_text(buf[i:], size)
 
 
-def _doc_pieces(doc):
-    return (doc,) if isinstance(doc, str) else doc()  # a text, or a callable streaming one (a big file)
-
-
-def iter_items(docs, chunk=True):
-    """Documents -> (text, first piece of its document?, last piece?) rows for the tokenizer. chunk: cut
-    long documents with chunk_stream (same tokens for GPT-2 and char level); else one row per document."""
-    for doc in docs:
-        rows = chunk_stream(_doc_pieces(doc)) if chunk else ["".join(_doc_pieces(doc))]
-        prev, first = None, True
-        for row in rows:
-            if prev is not None:
-                yield prev, first, False
-                first = False
-            prev = row
-        yield (prev if prev is not None else ""), first, True  # an empty document still ends (its EOT)
-
-
-def _permuted_split(n, val_fraction, seed, source):
-    """Indices of the (train, val) documents: datasets' seeded train_test_split, as nanoGPT's openwebtext."""
-    import datasets
-
-    if n < 2:
-        raise ValueError(f"{source} has {n} document(s): too few to split into train and val")
-    split = datasets.Dataset.from_dict({"i": list(range(n))}).train_test_split(
-        test_size=val_fraction, seed=seed, shuffle=True)
-    return split["train"]["i"], split["test"]["i"]
+def _train_val(ds, val_fraction, seed, source):
+    """A map-style dataset of documents -> {"train": ..., "val": ...}: datasets' seeded train_test_split, as
+    nanoGPT's openwebtext/prepare.py."""
+    if len(ds) < 2:
+        raise ValueError(f"{source} has {len(ds)} document(s): too few to split into train and val")
+    parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    return {"train": parts["train"], "val": parts["test"]}
 
 
 def _scan_file(path, chars=False):
-    """One streaming pass over a local input: (number of characters, its distinct characters if chars else
-    None); refuses empty and non-UTF-8 files before any tokenizing starts."""
-    n, found, blank = 0, set() if chars else None, True
-    for piece in iter_text(path):
+    """One streaming pass over a local input: (number of characters, its distinct characters if chars else None,
+    sha256 of its bytes); refuses empty and non-UTF-8 files before any tokenizing starts."""
+    n, found, blank, digest = 0, set() if chars else None, True, hashlib.sha256()
+    for piece in iter_text(path, digest=digest):
         n += len(piece)
         if chars:
             found.update(piece)
         blank = blank and piece.isspace()
     if blank:
         raise ValueError(f"input file {path} is empty (--input)")
-    return n, found
+    return n, found, digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
-# tokenization (one batch of rows -> one flat token array; in worker processes for GPT-2 on several cores)
-
-_tiktoken = None
-_ENCODER = None  # (kind, lut | tokenizer | None, eot, eot_before, dtype), set before the workers fork
+# rows: the datasets that .map tokenizes
 
 
-def _encode_batch(batch):
-    """[(text, doc_start, doc_end), ...] -> (flat token ids, tokens per row) with the EOT of each document
-    before its first row (llm.c) or after its last row (nanoGPT)."""
-    global _tiktoken
-    kind, arg, eot, before, dtype = _ENCODER
-    texts = [t for t, _, _ in batch]
+def _text_rows(path, start, stop, digest):
+    """The characters [start, stop) of one text file as rows (digest, the file's sha256: the cache key)."""
+    for row in chunk_stream(_chars(iter_text(path), start, stop)):
+        yield {"text": row}
+
+
+def _document_rows(paths, digests, cut):
+    """Files as documents, each as rows flagged first/last of its document. cut: long documents into rows (keeps
+    the tokens of char level and GPT-2-style BPE); else one row per document (any other tokenizer)."""
+    for path in paths:
+        rows = chunk_stream(iter_text(path)) if cut else ["".join(iter_text(path))]
+        prev, first = None, True
+        for row in rows:
+            if prev is not None:
+                yield {"text": prev, "first": first, "last": False}
+                first = False
+            prev = row
+        yield {"text": prev if prev is not None else "", "first": first, "last": True}
+
+
+def _rows_dataset(generator, split, **gen_kwargs):
+    """A generator's rows as an Arrow dataset in the datasets cache, reused by a run with the same gen_kwargs."""
+    return datasets.Dataset.from_generator(generator, gen_kwargs=gen_kwargs, split=datasets.NamedSplit(split),
+                                           writer_batch_size=max(1, BATCH_BYTES // CHUNK_CHARS))
+
+
+def text_sources(dataset, data_dir, inputs, hf_dataset, hf_config, hf_split, hf_revision, text_column, streaming,
+                 val_fraction, seed, max_bytes, cut, want_chars):
+    """The text of a dataset as rows: dict(rows={"train": Dataset, "val": Dataset}, or stream=IterableDataset
+    (whose first documents, up to val_tokens tokens, are val), source, by_documents, and for local files
+    inputs=[their sha256] and chars=their distinct characters (want_chars))."""
+    recipe = BUILTIN.get(dataset, {})
+    hf_dataset = hf_dataset or (None if inputs else recipe.get("hf_dataset"))
+    if hf_dataset:
+        hf_config = hf_config or recipe.get("hf_config")
+        source = hf_dataset + (f" ({hf_config})" if hf_config else "")
+        ds = load_hub_dataset(hf_dataset, hf_config, hf_split, hf_revision, text_column, streaming)
+        if streaming:  # like llm.c: the first val_tokens tokens' worth of documents are val, the rest train
+            return dict(stream=ds, source=source, by_documents=True)
+        return dict(rows=_train_val(ds, val_fraction, seed, source), source=source, by_documents=True)
+    if recipe.get("stdlib"):
+        root, docs = stdlib_files(max_bytes)
+        source = f"{root}/**/*.py (Python {sys.version.split()[0]}, {len(docs)} files)"
+        rows = _train_val(datasets.Dataset.from_dict({"text": docs}), val_fraction, seed, source)
+        return dict(rows=rows, source=source, by_documents=True)
+    paths = resolve_inputs(inputs or recipe["inputs"], data_dir)
+    source = " ".join(inputs or recipe["inputs"])
+    scans = [_scan_file(p, chars=want_chars) for p in paths]  # validates every file first
+    digests = [digest for _, _, digest in scans]
+    out = dict(source=source, inputs=digests, chars=set().union(*(found or () for _, found, _ in scans)))
+    if len(paths) == 1:  # one text: the first (1 - val_fraction) of its characters is train, like nanoGPT
+        total = scans[0][0]
+        n = int(total * (1 - val_fraction))
+        if n == 0 or n == total:
+            raise ValueError(f"{source} is too short to split with --val_fraction {val_fraction} ({total} characters)")
+        rows = {split: _rows_dataset(_text_rows, split, path=str(paths[0]), start=a, stop=b, digest=digests[0])
+                for split, a, b in (("train", 0, n), ("val", n, None))}
+        return dict(out, rows=rows, by_documents=False)
+    # several files: each one is a document, split by documents like openwebtext
+    split = _train_val(datasets.Dataset.from_dict({"i": list(range(len(paths)))}), val_fraction, seed, source)
+    rows = {s: _rows_dataset(_document_rows, s, paths=[str(paths[i]) for i in part["i"]],
+                             digests=[digests[i] for i in part["i"]], cut=cut) for s, part in split.items()}
+    return dict(out, rows=rows, by_documents=True)
+
+
+# -----------------------------------------------------------------------------
+# tokens: one batched .map over the rows
+
+_TIKTOKEN = []  # tiktoken's GPT-2 encoding, loaded once per process (before the workers fork: they share it)
+
+
+def _tiktoken():
+    if not _TIKTOKEN:
+        _TIKTOKEN.append(tiktoken_gpt2())
+    return _TIKTOKEN[0]
+
+
+def _encode(rows, kind, table, eot, before, dtype, threads=1):
+    """The .map function: a batch of rows (pa.Table: text, plus first/last when a document spans several rows)
+    -> pa.Table: ids (the row's token ids, <|endoftext|> (eot) before the first row of each document (llm.c) or
+    after its last (nanoGPT); none when eot is None) and eod (the row ends a document)."""
+    texts = rows.column("text").to_pylist()
     if kind == "char":  # nanoGPT's [stoi[c] for c in text], vectorized through a lookup table (holes -> unk)
-        ids = [arg[np.minimum(np.frombuffer(t.encode("utf-32-le"), np.uint32), len(arg) - 1)] for t in texts]
-    elif kind == "gpt2":
-        _tiktoken = _tiktoken or tiktoken_gpt2()
-        if hasattr(_tiktoken, "encode_to_numpy"):  # tiktoken >= 0.8: no Python list in between
-            ids = [_tiktoken.encode_to_numpy(t, disallowed_special=()) for t in texts]
-        else:
-            ids = [np.array(_tiktoken.encode_ordinary(t), dtype) for t in texts]
-    elif hasattr(arg, "backend_tokenizer"):  # a fast tokenizer: its Rust batch encode, what __call__ runs
-        backend = arg.backend_tokenizer
+        ids = [table[np.minimum(np.frombuffer(t.encode("utf-32-le"), np.uint32), len(table) - 1)] for t in texts]
+    elif kind == "gpt2" and threads > 1:  # a stream, mapped in this process: tiktoken's threads use the cores
+        ids = _tiktoken().encode_ordinary_batch(texts, num_threads=threads)
+    elif kind == "gpt2":  # one of num_proc processes
+        ids = [_tiktoken().encode_to_numpy(t, disallowed_special=()) for t in texts]
+    elif hasattr(table, "backend_tokenizer"):  # a fast tokenizer: its Rust batch encode, what __call__ runs
+        backend = table.backend_tokenizer
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers 0.21)
-        ids = [np.asarray(e.ids, dtype) for e in encode(texts, add_special_tokens=False)]
+        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
     else:
-        ids = [np.asarray(x, dtype) for x in arg(texts, add_special_tokens=False)["input_ids"]]
-    if eot is None:
-        parts, lens = ids, [len(x) for x in ids]
-    else:
-        sep, parts, lens = np.array([eot], dtype), [], []
-        for x, (_, start, end) in zip(ids, batch):
-            extra = [sep] if (start if before else end) else []
-            parts += extra + [x] if before else [x] + extra
-            lens.append(len(x) + len(extra))
+        ids = table(texts, add_special_tokens=False)["input_ids"]
+    whole = "last" not in rows.column_names  # one row per document
+    first = np.ones(len(texts), bool) if whole else rows.column("first").to_numpy(zero_copy_only=False)
+    last = np.ones(len(texts), bool) if whole else rows.column("last").to_numpy(zero_copy_only=False)
+    sep, parts, lens = np.array([eot or 0], dtype), [], np.zeros(len(texts) + 1, np.int64)
+    for i, x in enumerate(ids):
+        with_eot = eot is not None and (first[i] if before else last[i])
+        parts += ([sep, x] if before else [x, sep]) if with_eot else [x]
+        lens[i + 1] = len(x) + with_eot
     flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
-    return flat, np.array(lens, dtype=np.int64)
+    offsets = pa.array(np.cumsum(lens).astype(np.int32))
+    return pa.table({"ids": pa.ListArray.from_arrays(offsets, pa.array(flat)), "eod": pa.array(last)})
 
 
-def _batches(items, batch_chars):
-    batch, size = [], 0
-    for item in items:
-        batch.append(item)
-        size += len(item[0])
-        if size >= batch_chars or len(batch) >= 4096:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def tokenizer_digest(tok):
+    """sha256 of a tokenizer's tokenizer.json (what encodes), for the .map cache key and resuming."""
+    if hasattr(tok, "backend_tokenizer"):
+        return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+    return Hasher.hash(tok)
 
 
-def _encoded(batches, pool, depth):
-    """(doc_end flags, flat ids, lens) per batch, in order; at most `depth` batches in flight (bounded memory)."""
-    if pool is None:
-        for b in batches:
-            yield np.array([e for _, _, e in b], bool), *_encode_batch(b)
-        return
-    queue = collections.deque()
+def tokenize(rows, encoder, digest, num_proc):
+    """rows -> rows of (ids, eod): one batched .map of _encode. A map-style dataset is mapped by num_proc
+    processes into the datasets cache under a fingerprint of the rows, _encode, its arguments and the tokenizer
+    (digest), so a re-run reads the tokens back instead of encoding again; a stream is mapped as it is read."""
+    rows = rows.with_format("arrow")
+    if isinstance(rows, datasets.IterableDataset):
+        return rows.map(_encode, batched=True, batch_size=256, fn_kwargs=dict(encoder, threads=num_proc))
+    nbytes = rows.data.nbytes * len(rows) // max(rows.data.num_rows, 1)  # of this split (rows may be a selection)
+    batch = max(1, min(1000, BATCH_BYTES * len(rows) // max(nbytes, 1)))  # rows per batch: ~BATCH_BYTES of text
+    encoder_args = {k: v for k, v in encoder.items() if k != "table"}  # the table is what digest stands for
+    fingerprint = Hasher.hash([rows._fingerprint, Hasher.hash(_encode), encoder_args, digest])
+    return rows.map(_encode, batched=True, batch_size=batch, writer_batch_size=batch, fn_kwargs=encoder,
+                    num_proc=num_proc if num_proc > 1 and nbytes > IN_PROCESS_BYTES else None,
+                    new_fingerprint=fingerprint, desc="tokenizing")
+
+
+def _token_batches(tokens, start=0):
+    """(ids, eod) of tokenized rows from row `start` on, an Arrow record batch at a time. The cache files of a
+    mapped dataset are read with plain reads, not memory-mapped, so the tokens written do not stay in memory."""
+    if isinstance(tokens, datasets.IterableDataset):
+        batches = (b for t in tokens.iter(batch_size=256) for b in t.to_batches())
+    elif tokens.cache_files:
+        batches = (b for f in tokens.cache_files for b in pa.ipc.open_stream(pa.OSFile(f["filename"])))
+    else:  # mapped in memory
+        batches = tokens.data.table.to_batches()
     for b in batches:
-        queue.append((np.array([e for _, _, e in b], bool), pool.apply_async(_encode_batch, (b,))))
-        if len(queue) >= depth:
-            ends, result = queue.popleft()
-            yield ends, *result.get()
-    while queue:
-        ends, result = queue.popleft()
-        yield ends, *result.get()
+        if start < b.num_rows:
+            b, start = b.slice(start), 0
+            yield b.column("ids"), b.column("eod").to_numpy(zero_copy_only=False)
+        else:
+            start -= b.num_rows
 
 
-def default_num_proc():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def make_tokenizer(spec, chars, by_documents):
-    """--tokenizer -> (HF tokenizer to save, encoder spec for _encode_batch minus EOT placement, vocab_size,
-    eot id or None). chars: a callable returning the set of characters of the text (char level only)."""
+def make_tokenizer(spec, chars, by_documents, train_texts=None, vocab_size=None, tokenizer_from=None):
+    """--tokenizer -> (the HF tokenizer saved with the shards, _encode's arguments but eot/before/dtype, eot id
+    or None). chars: a callable giving the text's characters (char level); train_texts: the train split's
+    texts, a callable (bpe)."""
     if spec == "char":
         tok = build_char_tokenizer(chars())
         stoi = char_vocab(tok)
         lut = np.full(max(map(ord, stoi)) + 2, stoi[default_unk_char(stoi)], dtype=np.int64)
         lut[[ord(c) for c in stoi]] = list(stoi.values())
         # the vocab: the characters, then the tokenizer's <|endoftext|> (not inserted into the shards)
-        return tok, ("char", lut), len(tok), None
+        return tok, dict(kind="char", table=lut), None
     if spec == "gpt2":
-        tiktoken_gpt2()  # fail early and clearly when the BPE files are unavailable
-        return gpt2_tokenizer(), ("gpt2", None), 50257, GPT2_EOT if by_documents else None
-    tok = load_pretrained_tokenizer(spec)
-    return tok, ("hf", tok), len(tok), tok.eos_token_id if by_documents else None
+        _tiktoken()  # fail early and clearly when the BPE files are unavailable
+        return gpt2_tokenizer(), dict(kind="gpt2", table=None), GPT2_EOT if by_documents else None
+    if spec == "bpe" and tokenizer_from:
+        tok = load_tokenizer(tokenizer_from)
+        if not is_byte_level_bpe(tok):
+            raise ValueError(f"--tokenizer_from {tokenizer_from} is not a byte-level BPE trained by --tokenizer bpe; "
+                             "use --tokenizer DIR for other tokenizers")
+    elif spec == "bpe":
+        tok = train_bpe(train_texts(), vocab_size)
+    else:
+        tok = load_pretrained_tokenizer(spec)
+    return tok, dict(kind="hf", table=tok), tok.eos_token_id if by_documents else None
+
+
+def _texts(rows, limit=None):
+    """The texts of a map-style dataset of rows, streamed; limit: stop after about this many UTF-8 bytes."""
+    size = 0
+    for batch in rows.iter(batch_size=32):
+        for text in batch["text"]:
+            yield text
+            size += len(text.encode("utf-8"))
+            if limit is not None and size >= limit:
+                return
+
+
+def compression(tok, rows):
+    """Bytes per token of tok and of GPT-2's BPE (None without its files) on the first COMPRESSION_BYTES of rows
+    (the val split: text the trained tokenizer never saw)."""
+    texts = list(_texts(rows, COMPRESSION_BYTES))
+    size, ours = bytes_per_token(tok, texts)
+    try:
+        gpt2 = bytes_per_token(_tiktoken(), texts)[1]
+    except ValueError:  # no GPT-2 files (offline, no tiktoken cache)
+        gpt2 = None
+    return dict(val_bytes=size, bytes_per_token=round(size / max(ours, 1), 4),
+                gpt2_bytes_per_token=round(size / gpt2, 4) if gpt2 else None)
 
 
 # -----------------------------------------------------------------------------
@@ -425,15 +531,17 @@ class ShardWriter:
         _save_json(self.out_dir / PROGRESS_FILE, self.progress)
 
 
-def write_split(items, writer, pool, depth, batch_chars, max_tokens=None):
-    """Rows -> tokens -> writer, resuming at the writer's recorded row. max_tokens: stop at the end of the
-    first document that brings the split to that many tokens (a streamed dataset's val split)."""
+def write_split(batches, writer, max_tokens=None):
+    """Token rows -> writer. batches start at the writer's recorded row (next_item), whose first skip_tokens
+    tokens a killed run wrote already. max_tokens: stop at the end of the first document that brings the split
+    to that many tokens (a streamed dataset's val split)."""
     state = writer.state
     first, offset = state["next_item"], state["skip_tokens"]
     written = sum(sh["num_tokens"] for sh in state["shards"])
-    items = itertools.islice(items, first, None)  # rows before the resume point are read, not tokenized
     with tqdm(unit="tok", unit_scale=True, desc=f"writing {writer.split}", initial=written) as bar:
-        for ends, flat, lens in _encoded(_batches(items, batch_chars), pool, depth):
+        for ids, ends in batches:
+            flat = ids.flatten().to_numpy()  # the tokens of the batch's rows, one after the other
+            lens = np.diff(ids.offsets.to_numpy()).astype(np.int64)
             if offset:
                 flat, lens[0] = flat[offset:], lens[0] - offset
             stop = False
@@ -542,10 +650,6 @@ def _lock(folder):
     return f
 
 
-def _fingerprint(paths):
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-
-
 # -----------------------------------------------------------------------------
 # prepare
 
@@ -553,11 +657,11 @@ def _fingerprint(paths):
 def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_dataset=None, hf_config=None,
                     hf_split="train", hf_revision=None, text_column="text", val_fraction=None,
                     shard_size=None, num_proc=None, seed=DEFAULT_SEED, max_bytes=DEFAULT_MAX_BYTES,
-                    overwrite=False, streaming=None, val_tokens=None, format="nanogpt", batch_chars=BATCH_CHARS):
+                    overwrite=False, streaming=None, val_tokens=None, format="nanogpt", vocab_size=None,
+                    tokenizer_from=None):
     """Tokenize a dataset into data_dir (default data/<dataset>) and return its meta.json as a dict.
-    Memory stays bounded whatever the input size: local files are read as a stream, Hub datasets are
-    memory-mapped (or streamed), tokens go to disk a batch at a time. A killed run resumes from its last
-    complete shard when run again with the same arguments."""
+    Memory stays bounded whatever the input size. A killed run resumes from its last complete shard when run
+    again with the same arguments; a finished one run again reads its tokens from the datasets cache."""
     t0 = time.time()
     recipe = BUILTIN.get(dataset, {})
     if not recipe and not inputs and not hf_dataset:
@@ -565,7 +669,13 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
                          "pass --input FILE or --hf_dataset ID")
     if recipe.get("stdlib") and (inputs or hf_dataset):
         raise ValueError(f"{dataset} reads the Python standard library; for other text use --dataset custom")
-    tokenizer = tokenizer or recipe.get("tokenizer") or "gpt2"
+    if tokenizer_from and tokenizer not in (None, "bpe"):
+        raise ValueError(f"--tokenizer_from reuses a trained BPE; drop --tokenizer {tokenizer}")
+    tokenizer = "bpe" if tokenizer_from else tokenizer or recipe.get("tokenizer") or "gpt2"
+    if (tokenizer == "bpe") != (vocab_size is not None or tokenizer_from is not None) or \
+            (vocab_size is not None and tokenizer_from is not None):
+        raise ValueError("--tokenizer bpe needs --vocab_size N (to train one) or --tokenizer_from DIR (to reuse "
+                         "one); --vocab_size goes with --tokenizer bpe only")
     val_fraction = recipe.get("val_fraction", 0.1) if val_fraction is None else val_fraction
     shard_size = shard_size or recipe.get("shard_size", DEFAULT_SHARD_SIZE)
     if not 0 < val_fraction < 1:
@@ -576,6 +686,67 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         raise ValueError(f"--format must be nanogpt or llmc, got {format!r}")
     num_proc = num_proc or default_num_proc()
     data_dir = Path(data_dir or Path("data") / dataset)
+    _check_overwrite(data_dir, dataset, tokenizer, overwrite)
+    streaming = recipe.get("streaming", False) if streaming is None else streaming
+    if streaming and tokenizer in ("char", "bpe") and not tokenizer_from:
+        raise ValueError(f"--tokenizer {tokenizer} needs all the training text before tokenizing, which a streamed "
+                         "dataset does not give; prepare without --streaming (or reuse a BPE: --tokenizer_from)")
+
+    # 1) text -> rows per split (datasets); 2) the tokenizer (char level: the text's characters; bpe: trained)
+    src = text_sources(dataset, data_dir, inputs, hf_dataset, hf_config, hf_split, hf_revision, text_column,
+                       streaming, val_fraction, seed, max_bytes, cut=tokenizer in ("char", "gpt2", "bpe"),
+                       want_chars=tokenizer == "char")
+    limits = {"val": val_tokens or recipe.get("val_tokens") or DEFAULT_VAL_TOKENS} if "stream" in src else {}
+    tok, encoder, eot = make_tokenizer(
+        tokenizer, lambda: src.get("chars") or {c for r in src["rows"].values() for t in _texts(r) for c in t},
+        src["by_documents"], lambda: _texts(src["rows"]["train"]), vocab_size, tokenizer_from)
+    vocab_size, dtype, digest = len(tok), token_dtype(len(tok)), tokenizer_digest(tok)
+    if format == "llmc" and dtype != "uint16":
+        raise ValueError(f"--format llmc holds uint16 tokens; the vocab_size {vocab_size} of --tokenizer "
+                         f"{tokenizer} needs uint32")
+    encoder.update(eot=eot, before=format == "llmc", dtype=dtype)  # llm.c: the EOT before each document
+    request = dict(version=FORMAT_VERSION, writer=PREPARE_VERSION, dataset=dataset, source=src["source"],
+                   inputs=src.get("inputs"), tokenizer=tokenizer, tokenizer_digest=digest, vocab_size=vocab_size,
+                   hf=[hf_split, hf_revision, text_column, streaming], val_fraction=val_fraction,
+                   val_tokens=limits.get("val"), seed=seed, shard_size=shard_size, format=format,
+                   max_bytes=max_bytes if recipe.get("stdlib") else None)
+    meta = dict(format_version=FORMAT_VERSION if format == "llmc" else 1, dataset=dataset, source=src["source"],
+                tokenizer=tokenizer, tokenizer_class=type(tok).__name__, vocab_size=vocab_size, eot_token_id=eot,
+                dtype=dtype, split_by="documents" if src["by_documents"] else "characters", val_fraction=val_fraction,
+                seed=seed, shard_size=shard_size, splits=None)
+    if format == "llmc":
+        meta.update(format="llmc", eot_position="before")
+    if limits:
+        meta.update(split_by="documents (the first val_tokens tokens are val)", val_tokens=limits["val"])
+    if tokenizer == "char":
+        meta["unk_char"] = default_unk_char(char_vocab(tok))  # what unknown characters are encoded as
+    if tokenizer == "bpe":
+        meta.update(tokenizer_from=str(tokenizer_from) if tokenizer_from else None,
+                    compression=compression(tok, src["rows"]["val"]) if "rows" in src else None)
+
+    # 3) shards -> .NAME.partial/ (resumed if a run with the same request was killed), then into place
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover(data_dir)
+    work = _partial_dir(data_dir)
+    work.mkdir(exist_ok=True)
+    lock = _lock(work)
+    try:
+        meta = _write_dataset(work, data_dir, request, meta, src, limits, tok, encoder, digest, num_proc)
+    except ValueError:  # bad input, not an interruption: nothing worth resuming
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+    _report(meta, data_dir, num_proc, time.time() - t0)
+    return meta
+
+
+def default_num_proc():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_overwrite(data_dir, dataset, tokenizer, overwrite):
     if (data_dir / "meta.json").is_file() and not overwrite:
         try:
             old = json.loads((data_dir / "meta.json").read_text())
@@ -586,104 +757,25 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
                              f"{old.get('tokenizer')!r}, not {dataset!r} with {tokenizer!r}; choose another "
                              "--data_dir or pass --overwrite")
 
-    # 1) text -> per split, a callable giving its documents (str, or a callable streaming a big file's text);
-    #    its argument: progress.json's splits (a streamed train split starts after val's documents)
-    hf_dataset = hf_dataset or (None if inputs else recipe.get("hf_dataset"))
-    streaming = recipe.get("streaming", False) if streaming is None else streaming
-    limits, fingerprint, text_chars = {}, None, None
-    if hf_dataset:
-        hf_config = hf_config or recipe.get("hf_config")
-        source = hf_dataset + (f" ({hf_config})" if hf_config else "")
-        ds = load_hub_dataset(hf_dataset, hf_config, hf_split, hf_revision, text_column, streaming)
-        if streaming:  # like llm.c: the first val_tokens tokens' worth of documents are val, the rest train
-            limits["val"] = val_tokens or recipe.get("val_tokens") or DEFAULT_VAL_TOKENS
-            splits = {"val": lambda done: (r["text"] for r in ds),  # train starts after val's documents:
-                      "train": lambda done: (r["text"] for r in ds.skip(done["val"]["documents"]))}
-        else:
-            if len(ds) < 2:
-                raise ValueError(f"{source} has {len(ds)} document(s): too few to split into train and val")
-            parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
-            rows = lambda d: (t for b in d.iter(batch_size=1000) for t in b["text"])  # noqa: E731
-            splits = {"train": lambda done: rows(parts["train"]), "val": lambda done: rows(parts["test"])}
-        by_documents = True
-    elif recipe.get("stdlib"):
-        root, docs = stdlib_files(max_bytes)
-        source = f"{root}/**/*.py (Python {sys.version.split()[0]}, {len(docs)} files)"
-        train, val = _permuted_split(len(docs), val_fraction, seed, source)
-        splits = {"train": lambda done: (docs[i] for i in train), "val": lambda done: (docs[i] for i in val)}
-        by_documents = True
-    else:
-        paths = resolve_inputs(inputs or recipe["inputs"], data_dir)
-        source = " ".join(inputs or recipe["inputs"])
-        scans = [_scan_file(p, chars=tokenizer == "char") for p in paths]  # validates every file first
-        fingerprint = _fingerprint(paths)
-        text_chars = set().union(*(found or () for _, found in scans))
-        if len(paths) == 1:  # one text: the first (1 - val_fraction) of its characters is train, like nanoGPT
-            total, path = scans[0][0], paths[0]
-            n = int(total * (1 - val_fraction))
-            if n == 0 or n == total:
-                raise ValueError(f"{source} is too short to split with --val_fraction {val_fraction} "
-                                 f"({total} characters)")
-            splits = {"train": lambda done: [lambda: _chars(iter_text(path), 0, n)],
-                      "val": lambda done: [lambda: _chars(iter_text(path), n)]}
-            by_documents = False
-        else:  # several files: each one is a document, split by documents like openwebtext
-            train, val = _permuted_split(len(paths), val_fraction, seed, source)
-            doc = lambda i: functools.partial(iter_text, paths[i])  # noqa: E731
-            splits = {"train": lambda done: map(doc, train), "val": lambda done: map(doc, val)}
-            by_documents = True
 
-    # 2) the tokenizer (char level: the distinct characters of all the text, one more streaming pass)
-    def all_chars():
-        return text_chars if text_chars is not None else {c for docs in splits.values() for d in docs(None)
-                                                         for piece in _doc_pieces(d) for c in set(piece)}
-
-    if "val" in limits and tokenizer == "char":
-        raise ValueError("--tokenizer char needs all the text before tokenizing, which a streamed dataset "
-                         "does not give; use a BPE tokenizer or prepare without --streaming")
-    tok, (kind, arg), vocab_size, eot = make_tokenizer(tokenizer, all_chars, by_documents)
-    dtype = token_dtype(vocab_size)
-    if format == "llmc" and dtype != "uint16":
-        raise ValueError(f"--format llmc holds uint16 tokens; the vocab_size {vocab_size} of --tokenizer "
-                         f"{tokenizer} needs uint32")
-    request = dict(version=FORMAT_VERSION, dataset=dataset, source=source, inputs=fingerprint, tokenizer=tokenizer,
-                   vocab_size=vocab_size, hf=[hf_split, hf_revision, text_column, streaming], val_fraction=val_fraction,
-                   val_tokens=limits.get("val"), seed=seed, shard_size=shard_size, format=format,
-                   max_bytes=max_bytes if recipe.get("stdlib") else None)
-
-    # 3) shards -> .NAME.partial/ (resumed if a run with the same request was killed), then into place
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(data_dir)
-    work = _partial_dir(data_dir)
-    work.mkdir(exist_ok=True)
-    lock = _lock(work)
-    try:
-        split_info, meta = _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, kind, arg,
-                                          eot, dtype, format, num_proc, batch_chars, shard_size)
-    except ValueError:  # bad input, not an interruption: nothing worth resuming
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            lock.close()
-
-    dt = time.time() - t0
-    total = sum(info["num_tokens"] for info in split_info.values())
-    print(f"prepared {dataset} in {data_dir}: tokenizer {tokenizer}, vocab_size {vocab_size}, {dtype}, "
-          f"{num_proc} process(es)")
-    for s, info in split_info.items():
+def _report(meta, data_dir, num_proc, seconds):
+    total = sum(info["num_tokens"] for info in meta["splits"].values())
+    print(f"prepared {meta['dataset']} in {data_dir}: tokenizer {meta['tokenizer']}, vocab_size "
+          f"{meta['vocab_size']}, {meta['dtype']}, {num_proc} process(es)")
+    for s, info in meta["splits"].items():
         nbytes = sum(sh["bytes"] for sh in info["shards"])
         print(f"  {s:5s} {info['num_tokens']:>14,} tokens  {nbytes / 1e6:10.2f} MB  {len(info['shards'])} shard(s)")
-    print(f"  {dt:.1f} s, {total / dt:,.0f} tokens/s")
-    return meta
+    if meta.get("compression"):
+        c = meta["compression"]
+        gpt2 = f"{c['gpt2_bytes_per_token']:.2f}" if c["gpt2_bytes_per_token"] else "n/a (no GPT-2 files)"
+        print(f"  compression on val ({c['val_bytes']:,} bytes): {c['bytes_per_token']:.2f} bytes/token; "
+              f"GPT-2's BPE: {gpt2}")
+    print(f"  {seconds:.1f} s, {total / seconds:,.0f} tokens/s")
 
 
-def _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, kind, arg, eot, dtype, format,
-                   num_proc, batch_chars, shard_size):
+def _write_dataset(work, data_dir, request, meta, src, limits, tok, encoder, digest, num_proc):
     """The shards of every split into work/ (resuming what progress.json lists), then tokenizer/ and meta.json,
-    then work/ into place: (split_info, meta)."""
-    dataset, source, tokenizer = request["dataset"], request["source"], request["tokenizer"]
-    val_fraction, seed, vocab_size = request["val_fraction"], request["seed"], request["vocab_size"]
+    then work/ into place: meta."""
     try:
         progress = json.loads((work / PROGRESS_FILE).read_text())
     except (OSError, ValueError):
@@ -694,7 +786,7 @@ def _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, k
                 os.replace(p, data_dir / p.name)
             elif p.name != LOCK_FILE:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        order = ("val", "train") if "val" in limits else ("train", "val")
+        order = ("val", "train") if limits else ("train", "val")
         progress = dict(request=request, splits={s: dict(shards=[], next_item=0, skip_tokens=0, documents=0,
                                                           done=False) for s in order})
         _save_json(work / PROGRESS_FILE, progress)
@@ -704,48 +796,25 @@ def _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, k
     for p in work.glob("*.part"):
         p.unlink()
 
-    global _ENCODER
-    before = format == "llmc"  # llm.c puts the separator before each document, nanoGPT after
-    _ENCODER = (kind, arg, eot, before, dtype)
-    chunk = kind != "hf" or not by_documents  # HF pre-tokenizers may not split where we cut: whole documents
-    pool = None
-    if kind == "gpt2" and num_proc > 1:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        pool = ctx.Pool(num_proc)
-    elif kind == "hf":  # Rust encodes on all cores without the GIL: one thread overlaps it with reading and writing
-        from multiprocessing.pool import ThreadPool
-
-        pool = ThreadPool(1)
-    try:
-        for split, state in progress["splits"].items():
-            if not state["done"]:
-                writer = ShardWriter(work, split, state, progress, dtype, shard_size, format, dataset)
-                write_split(iter_items(splits[split](progress["splits"]), chunk), writer, pool, 2 * num_proc,
-                            max(batch_chars, num_proc * CHUNK_CHARS), limits.get(split))
-    finally:
-        _ENCODER = None
-        if pool is not None:
-            pool.terminate()
-    split_info = {}
+    for split, state in progress["splits"].items():
+        if state["done"]:
+            continue
+        writer = ShardWriter(work, split, state, progress, meta["dtype"], request["shard_size"], request["format"],
+                             request["dataset"])
+        if "stream" in src:  # rows already written are skipped unread, and train starts after val's documents
+            skip = state["next_item"] + (progress["splits"]["val"]["documents"] if split == "train" else 0)
+            batches = _token_batches(tokenize(src["stream"].skip(skip), encoder, digest, num_proc))
+        else:
+            batches = _token_batches(tokenize(src["rows"][split], encoder, digest, num_proc), state["next_item"])
+        write_split(batches, writer, limits.get(split))
+    meta["splits"] = {}
     for s in ("train", "val"):
         st = progress["splits"][s]
-        split_info[s] = dict(num_tokens=sum(sh["num_tokens"] for sh in st["shards"]), shards=st["shards"])
-        if by_documents:
-            split_info[s]["num_documents"] = st["documents"]
+        meta["splits"][s] = dict(num_tokens=sum(sh["num_tokens"] for sh in st["shards"]), shards=st["shards"])
+        if src["by_documents"]:
+            meta["splits"][s]["num_documents"] = st["documents"]
     shutil.rmtree(work / "tokenizer", ignore_errors=True)
     tok.save_pretrained(work / "tokenizer")
-    meta = dict(format_version=FORMAT_VERSION if format == "llmc" else 1, dataset=dataset, source=source,
-                tokenizer=tokenizer, tokenizer_class=type(tok).__name__, vocab_size=vocab_size, eot_token_id=eot,
-                dtype=dtype, split_by="documents" if by_documents else "characters", val_fraction=val_fraction,
-                seed=seed, shard_size=shard_size, splits=split_info)
-    if format == "llmc":
-        meta.update(format="llmc", eot_position="before")
-    if "val" in limits:
-        meta.update(split_by="documents (the first val_tokens tokens are val)", val_tokens=limits["val"])
-    if tokenizer == "char":
-        meta["unk_char"] = default_unk_char(char_vocab(tok))  # what unknown characters are encoded as
     (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _commit(work, data_dir)
-    return split_info, meta
+    return meta
