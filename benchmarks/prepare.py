@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nanogpt_hf.prepare import chunk_text, default_num_proc, prepare_dataset, stdlib_files  # noqa: E402
+from nanogpt_hf.prepare import default_num_proc, prepare_dataset  # noqa: E402
+from nanogpt_hf.sources import chunk_text, stdlib_files  # noqa: E402
 from nanogpt_hf.tokenization import gpt2_tokenizer, tiktoken_gpt2  # noqa: E402
 
 TARGET = 0.9  # the .map path >= 0.9x the bare tokenizer's tokens/s (issue 23)

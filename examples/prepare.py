@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from nanogpt_hf.prepare import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, \
-    prepare_dataset
+from nanogpt_hf.prepare import DEFAULT_SEED, DEFAULT_SHARD_SIZE, prepare_dataset
+from nanogpt_hf.sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS
 
 
 def parse_args(argv=None):

@@ -514,7 +514,7 @@ def format_data(r):
 
 def bench_text(text_file, root, mb):
     """The text to prepare: text_file, or (offline) Python's standard library source, repeated up to mb MB."""
-    from .prepare import stdlib_files
+    from .sources import stdlib_files
 
     root = Path(root)
     text = Path(text_file).read_text(encoding="utf-8") if text_file else "\n".join(stdlib_files(10**9)[1])
@@ -530,7 +530,7 @@ def bare_encode(text_file, out_file, encode_batch):
     tokenizer on all cores, write the tokens as one uint16 array. Tokens/s."""
     import numpy as np
 
-    from .prepare import chunk_text
+    from .sources import chunk_text
 
     t0 = time.perf_counter()
     ids = encode_batch(chunk_text(Path(text_file).read_text(encoding="utf-8")))

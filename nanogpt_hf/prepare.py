@@ -1,32 +1,24 @@
 """
-Preparing data, the Hugging Face way: text -> a `datasets` Dataset of rows -> one batched `.map` to token ids (on
---num_proc processes, cached by datasets) -> the token shards + meta.json + tokenizer/ that nanogpt_hf/data.py
-describes and reads. examples/prepare.py is its command line.
+Preparing data, the Hugging Face way: the text as `datasets` rows (nanogpt_hf/sources.py) -> one batched `.map`
+to token ids, on --num_proc processes, cached by datasets -> the token shards + meta.json + tokenizer/ that
+nanogpt_hf/data.py describes and reads. examples/prepare.py is its command line.
 
-    rows    local files: Dataset.from_generator over the text, cut into rows of ~64K characters at whitespace
-            (where GPT-2's pre-tokenizer splits anyway, so the tokens are those of the whole text); Hub datasets:
-            load_dataset (memory-mapped Arrow, or an IterableDataset with --streaming), one row per document
-    tokens  rows.map(_encode, batched=True, num_proc=...): ids per row, <|endoftext|> placed per document
-    shards  the mapped Arrow files are read a batch at a time and cut into shards of shard_size tokens, each
-            committed into .NAME.partial/ (progress.json says where the rows continue, so a killed prepare
-            resumes after its last complete shard); the finished dataset then replaces data_dir in one rename.
+    prepare_dataset("shakespeare_char")                                  # -> data/shakespeare_char/
+    prepare_dataset("mine", inputs=["a.txt"], tokenizer="bpe", vocab_size=8192)   # trains a BPE first
 
-Memory does not grow with the input: rows are generated, mapped and read back a batch at a time. A second run
-with the same input and tokenizer finds the text and its tokens in the datasets cache (HF_DATASETS_CACHE).
+Shards are committed one by one into .NAME.partial/ (progress.json says where the rows continue, so a killed
+prepare resumes after its last complete shard); the finished dataset then replaces data_dir in one rename.
+Memory does not grow with the input: rows are generated, mapped and read back a batch at a time. The same
+command again finds the rows and their tokens in the datasets cache and only writes the shards.
 """
 
 import errno
 import hashlib
 import json
 import os
-import re
 import shutil
-import sys
-import sysconfig
 import time
-import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
 import datasets
 import numpy as np
@@ -36,307 +28,21 @@ from tqdm.auto import tqdm
 
 from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, load_tokenizer, shard_name, \
     token_dtype
-from .tokenization import (
-    GPT2_EOT,
-    build_char_tokenizer,
-    bytes_per_token,
-    char_vocab,
-    default_unk_char,
-    gpt2_tokenizer,
-    is_byte_level_bpe,
-    load_pretrained_tokenizer,
-    tiktoken_gpt2,
-    train_bpe,
-)
+from .sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS, text_sources, texts
+from .tokenization import GPT2_EOT, build_char_tokenizer, char_vocab, compression, default_unk_char, gpt2_tokenizer, \
+    is_byte_level_bpe, load_pretrained_tokenizer, tiktoken_gpt2, train_bpe
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per .bin file (200 MB in uint16)
 DEFAULT_SEED = 2357  # nanoGPT's openwebtext split seed
-DEFAULT_MAX_BYTES = 4_000_000  # python_char: how much of the standard library to read
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SLEEP_ENV = "NANOGPT_HF_PREPARE_SLEEP"  # test hook: seconds to sleep after each shard is written
-CHUNK_CHARS = 1 << 16  # long texts go to the tokenizer as rows of about this many chars
-BATCH_BYTES = 1 << 21  # text per .map batch (and per Arrow record batch): this bounds each process's memory
+BATCH_BYTES = 1 << 21  # text per .map batch (and per Arrow record batch it writes): bounds each process's memory
 IN_PROCESS_BYTES = 1 << 22  # a split smaller than this is mapped in this process (forking costs more than it saves)
-READ_BYTES = 1 << 22  # local files are read this many bytes at a time
-DEFAULT_VAL_TOKENS = 100_000_000  # streamed datasets: val = the first ~100M tokens, llm.c's first shard
-COMPRESSION_BYTES = 1 << 23  # --tokenizer bpe: bytes of val text on which its compression is measured
-PREPARE_VERSION = 2  # in progress.json: a .partial/ of another writer version starts over
+COMPRESSION_BYTES = 1 << 23  # --tokenizer bpe: bytes of val text its compression is measured on
+PREPARE_VERSION = 2  # in progress.json: a .partial/ left by another version of this writer starts over
 PROGRESS_FILE, LOCK_FILE = "progress.json", ".lock"
-
-BUILTIN = {  # the datasets of nanoGPT's data/ folder, plus an offline one
-    "shakespeare_char": dict(tokenizer="char", val_fraction=0.1, inputs=[SHAKESPEARE_URL]),
-    "shakespeare": dict(tokenizer="gpt2", val_fraction=0.1, inputs=[SHAKESPEARE_URL]),
-    "openwebtext": dict(tokenizer="gpt2", val_fraction=0.0005, hf_dataset="Skylion007/openwebtext"),
-    # what modded-nanogpt / llm.c / build-nanogpt train GPT-2 124M on; streamed, val = the first ~100M tokens
-    "fineweb_edu10B": dict(tokenizer="gpt2", hf_dataset="HuggingFaceFW/fineweb-edu", hf_config="sample-10BT",
-                           streaming=True, val_tokens=DEFAULT_VAL_TOKENS),
-    "fineweb10B": dict(tokenizer="gpt2", hf_dataset="HuggingFaceFW/fineweb", hf_config="sample-10BT",
-                       streaming=True, val_tokens=DEFAULT_VAL_TOKENS),
-    "python_char": dict(tokenizer="char", val_fraction=0.1, stdlib=True),
-}
-
-# -----------------------------------------------------------------------------
-# text sources
-
-
-def download(url, dest):
-    """url -> dest (kept as a cache: a second call does nothing). Atomic: dest appears only when complete."""
-    dest = Path(dest)
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
-        part.unlink(missing_ok=True)
-        if not any(dest.parent.iterdir()):
-            dest.parent.rmdir()  # leave no empty data_dir behind
-        reason = getattr(e, "reason", None) or e
-        raise ValueError(f"could not download {url} ({reason}); pass a local copy with --input FILE") from None
-    os.replace(part, dest)
-    return dest
-
-
-def iter_text(path, block=READ_BYTES, digest=None):
-    """A local UTF-8 file -> its text as str pieces of about `block` bytes, read as a stream (any file size).
-    digest: a hashlib object fed the bytes read."""
-    import codecs
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} not found (--input)")
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(block)
-            if digest is not None:
-                digest.update(data)
-            pending = len(decoder.buffer)  # bytes of a character cut by the previous block
-            try:
-                text = decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"input file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                    f"{offset - pending + e.start}); convert it first, e.g. iconv -t UTF-8") from None
-            offset += len(data)
-            if text:
-                yield text
-            if not data:
-                return
-
-
-def resolve_inputs(inputs, data_dir):
-    """--input values -> local paths: globs expanded (sorted), URLs downloaded into data_dir once."""
-    paths = []
-    for item in inputs:
-        if urlparse(item).scheme in ("http", "https"):
-            paths.append(download(item, Path(data_dir) / (Path(urlparse(item).path).name or "input.txt")))
-        elif any(c in item for c in "*?["):
-            matches = sorted(Path().glob(item) if not Path(item).is_absolute() else Path("/").glob(item[1:]))
-            if not matches:
-                raise FileNotFoundError(f"--input {item} matches no file")
-            paths += matches
-        else:
-            paths.append(Path(item))
-    return paths
-
-
-def stdlib_files(max_bytes=DEFAULT_MAX_BYTES):
-    """The python_char corpus: this Python's standard library *.py, sorted by path, up to max_bytes.
-    Test suites (deliberately odd files) and installed packages are left out, as are non-UTF-8 files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip]  # prune: site-packages alone can be huge
-        found += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
-    texts, total = [], 0
-    for f in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        size = len(text.encode("utf-8"))
-        if total + size > max_bytes:
-            break
-        if text.strip():
-            texts.append(text)
-            total += size
-    if not texts:
-        raise ValueError(f"no standard library source found under {root} within --max_bytes {max_bytes}")
-    return root, texts
-
-
-def chunk_text(text, size=CHUNK_CHARS):
-    """Cut one long text into rows of ~size chars so that the tokenizer can work on it in parallel and in
-    bounded memory. Each cut goes just before a space/newline that follows a non-space character: GPT-2's
-    pre-tokenizer always splits there, so BPE gives exactly the tokens of the whole text (and char-level
-    tokenization does not care)."""
-    cut = re.compile(r"(?<=\S)[ \n]")
-    rows, i = [], 0
-    while i < len(text):
-        m = cut.search(text, i + size)
-        j = m.start() if m else len(text)
-        rows.append(text[i:j])
-        i = j
-    return rows
-
-
-def load_hub_dataset(name, config=None, split="train", revision=None, text_column="text", streaming=False):
-    """A Hub dataset id or local dataset folder -> a Dataset (memory-mapped Arrow) or, with streaming, an
-    IterableDataset read as it downloads (nothing stored in the cache), with one "text" column."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config, split=split, revision=revision, streaming=streaming)
-    except Exception as e:
-        if "scripts are no longer supported" in str(e) and revision is None:
-            # datasets >= 4 refuses loading scripts (the old openwebtext); the Hub keeps a parquet export
-            print(f"{name} is a script dataset; loading its parquet export (revision refs/convert/parquet)")
-            return load_hub_dataset(name, config, split, "refs/convert/parquet", text_column, streaming)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"could not load --hf_dataset {name} ({type(e).__name__}: {msg})") from None
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)))
-    if text_column not in columns:
-        raise ValueError(f"--hf_dataset {name} has no column {text_column!r} (it has {columns}); "
-                         "pass --text_column")
-    ds = ds.select_columns([text_column])
-    return ds.rename_column(text_column, "text") if text_column != "text" else ds
-
-
-def _chars(pieces, start, stop=None):
-    """The characters [start, stop) of a stream of str pieces, as a stream of pieces."""
-    pos = 0
-    for piece in pieces:
-        a, b = max(start - pos, 0), len(piece) if stop is None else min(stop - pos, len(piece))
-        if a < b:
-            yield piece[a:b]
-        pos += len(piece)
-        if stop is not None and pos >= stop:
-            return
-
-
-def chunk_stream(pieces, size=CHUNK_CHARS):
-    """chunk_text over a stream of str pieces: the same rows as chunk_text("".join(pieces)), in memory
-    bounded by one piece plus one row (a cut depends only on the two characters around it)."""
-    cut = re.compile(r"(?<=\S)[ \n]")
-    buf, i = "", 0
-    for piece in pieces:
-        buf, i = buf[i:] + piece, 0
-        while len(buf) - i > size and (m := cut.search(buf, i + size)):
-            yield buf[i:m.start()]
-            i = m.start()
-    yield from chunk_text(buf[i:], size)
-
-
-def _train_val(ds, val_fraction, seed, source):
-    """A map-style dataset of documents -> {"train": ..., "val": ...}: datasets' seeded train_test_split, as
-    nanoGPT's openwebtext/prepare.py."""
-    if len(ds) < 2:
-        raise ValueError(f"{source} has {len(ds)} document(s): too few to split into train and val")
-    parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
-    return {"train": parts["train"], "val": parts["test"]}
-
-
-def _scan_file(path, chars=False):
-    """One streaming pass over a local input: (number of characters, its distinct characters if chars else None,
-    sha256 of its bytes); refuses empty and non-UTF-8 files before any tokenizing starts."""
-    n, found, blank, digest = 0, set() if chars else None, True, hashlib.sha256()
-    for piece in iter_text(path, digest=digest):
-        n += len(piece)
-        if chars:
-            found.update(piece)
-        blank = blank and piece.isspace()
-    if blank:
-        raise ValueError(f"input file {path} is empty (--input)")
-    return n, found, digest.hexdigest()
-
-
-# -----------------------------------------------------------------------------
-# rows: the datasets that .map tokenizes
-
-
-def _text_rows(path, start, stop, digest):
-    """The characters [start, stop) of one text file as rows (digest, the file's sha256: the cache key)."""
-    for row in chunk_stream(_chars(iter_text(path), start, stop)):
-        yield {"text": row}
-
-
-def _document_rows(paths, digests, cut):
-    """Files as documents, each as rows flagged first/last of its document. cut: long documents into rows (keeps
-    the tokens of char level and GPT-2-style BPE); else one row per document (any other tokenizer)."""
-    for path in paths:
-        rows = chunk_stream(iter_text(path)) if cut else ["".join(iter_text(path))]
-        prev, first = None, True
-        for row in rows:
-            if prev is not None:
-                yield {"text": prev, "first": first, "last": False}
-                first = False
-            prev = row
-        yield {"text": prev if prev is not None else "", "first": first, "last": True}
-
-
-def _rows_dataset(generator, split, **gen_kwargs):
-    """A generator's rows as an Arrow dataset in the datasets cache, reused by a run with the same gen_kwargs."""
-    return datasets.Dataset.from_generator(generator, gen_kwargs=gen_kwargs, split=datasets.NamedSplit(split),
-                                           writer_batch_size=max(1, BATCH_BYTES // CHUNK_CHARS))
-
-
-def text_sources(dataset, data_dir, inputs, hf_dataset, hf_config, hf_split, hf_revision, text_column, streaming,
-                 val_fraction, seed, max_bytes, cut, want_chars):
-    """The text of a dataset as rows: dict(rows={"train": Dataset, "val": Dataset}, or stream=IterableDataset
-    (whose first documents, up to val_tokens tokens, are val), source, by_documents, and for local files
-    inputs=[their sha256] and chars=their distinct characters (want_chars))."""
-    recipe = BUILTIN.get(dataset, {})
-    hf_dataset = hf_dataset or (None if inputs else recipe.get("hf_dataset"))
-    if hf_dataset:
-        hf_config = hf_config or recipe.get("hf_config")
-        source = hf_dataset + (f" ({hf_config})" if hf_config else "")
-        ds = load_hub_dataset(hf_dataset, hf_config, hf_split, hf_revision, text_column, streaming)
-        if streaming:  # like llm.c: the first val_tokens tokens' worth of documents are val, the rest train
-            return dict(stream=ds, source=source, by_documents=True)
-        return dict(rows=_train_val(ds, val_fraction, seed, source), source=source, by_documents=True)
-    if recipe.get("stdlib"):
-        root, docs = stdlib_files(max_bytes)
-        source = f"{root}/**/*.py (Python {sys.version.split()[0]}, {len(docs)} files)"
-        rows = _train_val(datasets.Dataset.from_dict({"text": docs}), val_fraction, seed, source)
-        return dict(rows=rows, source=source, by_documents=True)
-    paths = resolve_inputs(inputs or recipe["inputs"], data_dir)
-    source = " ".join(inputs or recipe["inputs"])
-    scans = [_scan_file(p, chars=want_chars) for p in paths]  # validates every file first
-    digests = [digest for _, _, digest in scans]
-    out = dict(source=source, inputs=digests, chars=set().union(*(found or () for _, found, _ in scans)))
-    if len(paths) == 1:  # one text: the first (1 - val_fraction) of its characters is train, like nanoGPT
-        total = scans[0][0]
-        n = int(total * (1 - val_fraction))
-        if n == 0 or n == total:
-            raise ValueError(f"{source} is too short to split with --val_fraction {val_fraction} ({total} characters)")
-        rows = {split: _rows_dataset(_text_rows, split, path=str(paths[0]), start=a, stop=b, digest=digests[0])
-                for split, a, b in (("train", 0, n), ("val", n, None))}
-        return dict(out, rows=rows, by_documents=False)
-    # several files: each one is a document, split by documents like openwebtext
-    split = _train_val(datasets.Dataset.from_dict({"i": list(range(len(paths)))}), val_fraction, seed, source)
-    rows = {s: _rows_dataset(_document_rows, s, paths=[str(paths[i]) for i in part["i"]],
-                             digests=[digests[i] for i in part["i"]], cut=cut) for s, part in split.items()}
-    return dict(out, rows=rows, by_documents=True)
-
 
 # -----------------------------------------------------------------------------
 # tokens: one batched .map over the rows
-
-_TIKTOKEN = []  # tiktoken's GPT-2 encoding, loaded once per process (before the workers fork: they share it)
-
-
-def _tiktoken():
-    if not _TIKTOKEN:
-        _TIKTOKEN.append(tiktoken_gpt2())
-    return _TIKTOKEN[0]
 
 
 def _encode(rows, kind, table, eot, before, dtype, threads=1):
@@ -347,13 +53,11 @@ def _encode(rows, kind, table, eot, before, dtype, threads=1):
     if kind == "char":  # nanoGPT's [stoi[c] for c in text], vectorized through a lookup table (holes -> unk)
         ids = [table[np.minimum(np.frombuffer(t.encode("utf-32-le"), np.uint32), len(table) - 1)] for t in texts]
     elif kind == "gpt2" and threads > 1:  # a stream, mapped in this process: tiktoken's threads use the cores
-        ids = _tiktoken().encode_ordinary_batch(texts, num_threads=threads)
-    elif kind == "gpt2":  # one of num_proc processes
-        ids = [_tiktoken().encode_to_numpy(t, disallowed_special=()) for t in texts]
+        ids = tiktoken_gpt2().encode_ordinary_batch(texts, num_threads=threads)
+    elif kind == "gpt2":  # one of num_proc processes (tiktoken's encoding is loaded once, before they fork)
+        ids = [tiktoken_gpt2().encode_to_numpy(t, disallowed_special=()) for t in texts]
     elif hasattr(table, "backend_tokenizer"):  # a fast tokenizer: its Rust batch encode, what __call__ runs
-        backend = table.backend_tokenizer
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers 0.21)
-        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+        ids = [e.ids for e in table.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
     else:
         ids = table(texts, add_special_tokens=False)["input_ids"]
     whole = "last" not in rows.column_names  # one row per document
@@ -370,7 +74,7 @@ def _encode(rows, kind, table, eot, before, dtype, threads=1):
 
 
 def tokenizer_digest(tok):
-    """sha256 of a tokenizer's tokenizer.json (what encodes), for the .map cache key and resuming."""
+    """sha256 of a tokenizer's tokenizer.json (what encodes): part of the .map cache key and of a resume's."""
     if hasattr(tok, "backend_tokenizer"):
         return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
     return Hasher.hash(tok)
@@ -392,16 +96,23 @@ def tokenize(rows, encoder, digest, num_proc):
                     new_fingerprint=fingerprint, desc="tokenizing")
 
 
-def _token_batches(tokens, start=0):
-    """(ids, eod) of tokenized rows from row `start` on, an Arrow record batch at a time. The cache files of a
-    mapped dataset are read with plain reads, not memory-mapped, so the tokens written do not stay in memory."""
+def _arrow_batches(tokens):
+    """The record batches of tokenized rows. The cache files of a mapped dataset are read with plain reads, not
+    memory-mapped, so the tokens already written do not stay in this process's memory."""
     if isinstance(tokens, datasets.IterableDataset):
-        batches = (b for t in tokens.iter(batch_size=256) for b in t.to_batches())
+        for table in tokens.iter(batch_size=256):
+            yield from table.to_batches()
     elif tokens.cache_files:
-        batches = (b for f in tokens.cache_files for b in pa.ipc.open_stream(pa.OSFile(f["filename"])))
+        for f in tokens.cache_files:
+            with pa.OSFile(f["filename"]) as source:
+                yield from pa.ipc.open_stream(source)
     else:  # mapped in memory
-        batches = tokens.data.table.to_batches()
-    for b in batches:
+        yield from tokens.data.table.to_batches()
+
+
+def _token_batches(tokens, start=0):
+    """(ids, eod) of tokenized rows from row `start` on, a record batch at a time."""
+    for b in _arrow_batches(tokens):
         if start < b.num_rows:
             b, start = b.slice(start), 0
             yield b.column("ids"), b.column("eod").to_numpy(zero_copy_only=False)
@@ -421,7 +132,7 @@ def make_tokenizer(spec, chars, by_documents, train_texts=None, vocab_size=None,
         # the vocab: the characters, then the tokenizer's <|endoftext|> (not inserted into the shards)
         return tok, dict(kind="char", table=lut), None
     if spec == "gpt2":
-        _tiktoken()  # fail early and clearly when the BPE files are unavailable
+        tiktoken_gpt2()  # fail early and clearly when the BPE files are unavailable
         return gpt2_tokenizer(), dict(kind="gpt2", table=None), GPT2_EOT if by_documents else None
     if spec == "bpe" and tokenizer_from:
         tok = load_tokenizer(tokenizer_from)
@@ -433,30 +144,6 @@ def make_tokenizer(spec, chars, by_documents, train_texts=None, vocab_size=None,
     else:
         tok = load_pretrained_tokenizer(spec)
     return tok, dict(kind="hf", table=tok), tok.eos_token_id if by_documents else None
-
-
-def _texts(rows, limit=None):
-    """The texts of a map-style dataset of rows, streamed; limit: stop after about this many UTF-8 bytes."""
-    size = 0
-    for batch in rows.iter(batch_size=32):
-        for text in batch["text"]:
-            yield text
-            size += len(text.encode("utf-8"))
-            if limit is not None and size >= limit:
-                return
-
-
-def compression(tok, rows):
-    """Bytes per token of tok and of GPT-2's BPE (None without its files) on the first COMPRESSION_BYTES of rows
-    (the val split: text the trained tokenizer never saw)."""
-    texts = list(_texts(rows, COMPRESSION_BYTES))
-    size, ours = bytes_per_token(tok, texts)
-    try:
-        gpt2 = bytes_per_token(_tiktoken(), texts)[1]
-    except ValueError:  # no GPT-2 files (offline, no tiktoken cache)
-        gpt2 = None
-    return dict(val_bytes=size, bytes_per_token=round(size / max(ours, 1), 4),
-                gpt2_bytes_per_token=round(size / gpt2, 4) if gpt2 else None)
 
 
 # -----------------------------------------------------------------------------
@@ -615,24 +302,10 @@ def _old_dir(data_dir):
 
 
 def _recover(data_dir):
-    """Repairs what a kill can leave: data_dir moved aside mid-commit; .NAME.tmp-PID of older versions."""
+    """Repairs what a kill can leave: data_dir moved aside in the middle of a commit."""
     if not data_dir.exists() and _old_dir(data_dir).exists():
         os.replace(_old_dir(data_dir), data_dir)
     shutil.rmtree(_old_dir(data_dir), ignore_errors=True)
-    for p in data_dir.parent.glob(f".{data_dir.name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _lock(folder):
@@ -698,8 +371,8 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
                        want_chars=tokenizer == "char")
     limits = {"val": val_tokens or recipe.get("val_tokens") or DEFAULT_VAL_TOKENS} if "stream" in src else {}
     tok, encoder, eot = make_tokenizer(
-        tokenizer, lambda: src.get("chars") or {c for r in src["rows"].values() for t in _texts(r) for c in t},
-        src["by_documents"], lambda: _texts(src["rows"]["train"]), vocab_size, tokenizer_from)
+        tokenizer, lambda: src.get("chars") or {c for r in src["rows"].values() for t in texts(r) for c in t},
+        src["by_documents"], lambda: texts(src["rows"]["train"]), vocab_size, tokenizer_from)
     vocab_size, dtype, digest = len(tok), token_dtype(len(tok)), tokenizer_digest(tok)
     if format == "llmc" and dtype != "uint16":
         raise ValueError(f"--format llmc holds uint16 tokens; the vocab_size {vocab_size} of --tokenizer "
@@ -722,7 +395,8 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         meta["unk_char"] = default_unk_char(char_vocab(tok))  # what unknown characters are encoded as
     if tokenizer == "bpe":
         meta.update(tokenizer_from=str(tokenizer_from) if tokenizer_from else None,
-                    compression=compression(tok, src["rows"]["val"]) if "rows" in src else None)
+                    compression=compression(tok, list(texts(src["rows"]["val"], COMPRESSION_BYTES)))
+                    if "rows" in src else None)
 
     # 3) shards -> .NAME.partial/ (resumed if a run with the same request was killed), then into place
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -768,7 +442,7 @@ def _report(meta, data_dir, num_proc, seconds):
     if meta.get("compression"):
         c = meta["compression"]
         gpt2 = f"{c['gpt2_bytes_per_token']:.2f}" if c["gpt2_bytes_per_token"] else "n/a (no GPT-2 files)"
-        print(f"  compression on val ({c['val_bytes']:,} bytes): {c['bytes_per_token']:.2f} bytes/token; "
+        print(f"  compression on val ({c['bytes']:,} bytes): {c['bytes_per_token']:.2f} bytes/token; "
               f"GPT-2's BPE: {gpt2}")
     print(f"  {seconds:.1f} s, {total / seconds:,.0f} tokens/s")
 

@@ -156,13 +156,16 @@ def is_byte_level_bpe(tokenizer):
         pre.get("use_regex", True) and not pre.get("add_prefix_space")
 
 
-def bytes_per_token(tokenizer, texts):
-    """(UTF-8 bytes of texts, tokens of tokenizer on them): its compression on that text."""
+def compression(tokenizer, texts):
+    """Bytes per token of tokenizer, and of GPT-2's BPE (None without its files), on texts (a list of str)."""
     size = sum(len(t.encode("utf-8")) for t in texts)
-    if hasattr(tokenizer, "encode_ordinary_batch"):  # tiktoken
-        return size, sum(map(len, tokenizer.encode_ordinary_batch(texts)))
-    encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    return size, sum(len(e.ids) for e in encoded)
+    ours = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    try:
+        gpt2 = sum(map(len, tiktoken_gpt2().encode_ordinary_batch(texts)))
+    except ValueError:  # no GPT-2 files (offline, without a tiktoken cache)
+        gpt2 = None
+    return dict(bytes=size, bytes_per_token=round(size / max(ours, 1), 4),
+                gpt2_bytes_per_token=round(size / gpt2, 4) if gpt2 else None)
 
 
 # -----------------------------------------------------------------------------

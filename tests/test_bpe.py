@@ -81,7 +81,7 @@ def test_bpe_compresses_russian_better_than_gpt2(tmp_path, tiktoken_cache, capsy
     meta = prepare_dataset("ru", inputs=[str(tmp_path / "ru.txt")], tokenizer="bpe", vocab_size=600,
                            data_dir=tmp_path / "ru")
     c = meta["compression"]
-    assert c["val_bytes"] == len(text[int(len(text) * 0.9):].encode("utf-8"))  # all of val, which train never saw
+    assert c["bytes"] == len(text[int(len(text) * 0.9):].encode("utf-8"))  # all of val, which train never saw
     ratio = c["bytes_per_token"] / c["gpt2_bytes_per_token"]  # > 1: fewer tokens per byte than GPT-2's BPE
     assert "compression on val" in capsys.readouterr().out
     with capsys.disabled():  # the number the report quotes (pytest -s)

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from nanogpt_hf.data import TokenShards, benchmark_get_batch, load_tokenizer, read_meta
-from nanogpt_hf.prepare import chunk_text, prepare_dataset, stdlib_files
+from nanogpt_hf.prepare import prepare_dataset
+from nanogpt_hf.sources import chunk_text, stdlib_files
 
 
 def stream(data_dir, split):

@@ -20,7 +20,8 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_text
 
 from nanogpt_hf.data import TokenShards, read_meta
-from nanogpt_hf.prepare import SLEEP_ENV, chunk_stream, chunk_text, prepare_dataset
+from nanogpt_hf.prepare import SLEEP_ENV, prepare_dataset
+from nanogpt_hf.sources import chunk_stream, chunk_text
 from nanogpt_hf.train_config import TrainConfig
 from nanogpt_hf.trainer import train
 
