@@ -987,14 +987,3 @@ class TokenShards:
         starts = np.arange(rank, self.num_windows(block_size), world_size) * block_size
         for i in range(0, len(starts), batch_size):
             yield self._to_torch(self._gather(starts[i:i + batch_size], block_size + 1), device)
-
-
-def benchmark_get_batch(data_dir, batch_size, block_size, n=1000, split="train"):
-    """Seconds per get_batch call (CPU tensors), averaged over n calls after a warm-up."""
-    ds = TokenShards(data_dir, split)
-    for step in range(10):
-        ds.get_batch(batch_size, block_size, step)
-    t0 = time.perf_counter()
-    for step in range(n):
-        ds.get_batch(batch_size, block_size, step)
-    return (time.perf_counter() - t0) / n

@@ -11,9 +11,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from benchmarks.data_loader import benchmark_get_batch
 from nanogpt_hf.data import (
     TokenShards,
-    benchmark_get_batch,
     chunk_text,
     prepare_dataset,
     read_meta,
