@@ -176,7 +176,7 @@ def cpu_bf16_matmul() -> str | None:
 
 
 # bf16 autocast on a CPU pays only with native bf16 matrix units and matmuls big enough to keep them busy:
-# measured train steps, bf16 vs float32 (README "bf16 on CPU"): at the shakespeare_char shape (384 wide, 64 x 256
+# measured train steps, bf16 vs float32 (docs/fast-paths.md): at the shakespeare_char shape (384 wide, 64 x 256
 # tokens) 4.2x on an AMX Xeon, 2.06x on an AMD EPYC with avx512_bf16; at the baby shape (128 wide, 12 x 64 tokens)
 # 0.92x and 0.97x
 BF16_CPU_MIN_WIDTH, BF16_CPU_MIN_TOKENS = 256, 4096
