@@ -213,7 +213,7 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.out}")
         if results.get("lm_eval") and not args.no_model_card and (Path(args.model) / "config.json").is_file():
-            from nanogpt_hf.hub import CARD_MARKER, write_model_card
+            from nanogpt_hf.card import CARD_MARKER, write_model_card
 
             keep = {k: results[k] for k in ("model", "data", "lm_eval", "lm_eval_version")}
             (Path(args.model) / "eval_results.json").write_text(json.dumps(keep, indent=2) + "\n")

@@ -221,7 +221,7 @@ def move_into(tmp, out_dir):
             shutil.rmtree(out_dir / path.name, ignore_errors=True)
         os.replace(path, out_dir / path.name)
     tmp.rmdir()
-    from .hub import write_model_card
+    from .card import write_model_card
 
     write_model_card(out_dir)
 

@@ -389,7 +389,7 @@ def test_fineweb_config_is_the_llmc_schedule():
 
 
 def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken_cache):
-    from nanogpt_hf.benchmark import bench_prepare, format_prepare
+    from benchmarks.prepare_speed import bench_prepare, format_prepare
 
     text = tmp_path / "t.txt"
     text.write_text(make_text(30_000, seed=5), encoding="utf-8")
