@@ -8,7 +8,8 @@ training step. nanoGPT's get_batch is cheap enough to ignore; ours must stay so 
 import time
 from pathlib import Path
 
-from nanogpt_hf.data import TokenShards, prepare_dataset
+from nanogpt_hf.data import TokenShards
+from nanogpt_hf.prepare import prepare_dataset
 
 DATA_TARGET = 0.02  # get_batch < 2% of a train step
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt_hf.data import chunk_text, default_num_proc, prepare_dataset, stdlib_files
+from nanogpt_hf.prepare import chunk_text, default_num_proc, prepare_dataset, stdlib_files
 from nanogpt_hf.tokenization import gpt2_tokenizer, tiktoken_gpt2
 
 PREPARE_TARGET = 0.9  # prepare's tokens/s >= 0.9x the bare tokenizer's batch encode on the same text

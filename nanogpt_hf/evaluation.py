@@ -415,7 +415,7 @@ def load_benchmark(name, file=None):
                 raise ValueError(f"--{name}_file {file}: expected one JSON object with a 'text' field per line "
                                  f"({type(e).__name__})") from None
         return lines
-    from .data import load_hub_dataset
+    from .prepare import load_hub_dataset
 
     hub_id, config, split, column = BENCHMARKS[name]["hub"]
     try:

@@ -363,7 +363,7 @@ def _train(cfg, stop, lock):
     train_data, val_data = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
     tokenizer = None
     try:
-        from .tokenization import load_tokenizer
+        from .data import load_tokenizer
 
         tokenizer = load_tokenizer(data_dir)
         tokenizer.model_max_length = cfg.block_size

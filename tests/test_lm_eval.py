@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
-from nanogpt_hf.tokenization import build_char_tokenizer, load_tokenizer
+from nanogpt_hf.data import load_tokenizer
+from nanogpt_hf.tokenization import build_char_tokenizer
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.usefixtures("one_thread")
