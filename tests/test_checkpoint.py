@@ -26,6 +26,7 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from nanogpt_hf import checkpoint as ckpt
+from nanogpt_hf import guards
 from nanogpt_hf.trainer import train
 from test_trainer import read_dump, tiny_args, tiny_cfg
 
@@ -238,10 +239,10 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(char_data_dir, tmp_path):
 
 def test_checkpoint_minutes(char_data_dir, tmp_path):
     out = tmp_path / "out"
-    handlers = {s: signal.getsignal(s) for s in ckpt.STOP_SIGNALS}
+    handlers = {s: signal.getsignal(s) for s in guards.STOP_SIGNALS}
     train(tiny_cfg(char_data_dir, out, max_iters=6, eval_interval=100, checkpoint_minutes=1e-6, keep_checkpoints=3))
     assert [p.name for p in ckpt.checkpoints(out / "checkpoints")] == ["step_000006", "step_000005", "step_000004"]
-    assert {s: signal.getsignal(s) for s in ckpt.STOP_SIGNALS} == handlers  # train() put the handlers back
+    assert {s: signal.getsignal(s) for s in guards.STOP_SIGNALS} == handlers  # train() put the handlers back
 
 
 # -----------------------------------------------------------------------------
@@ -379,8 +380,8 @@ def test_slurm_example_is_valid_bash_and_matches_the_trainer():
         check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert check.returncode == 0, f"{script.name}: {check.stderr}"
     launch = (folder / "launch.sh").read_text()
-    assert int(re.search(r"EXIT_SIGUSR1=(\d+)", launch)[1]) == ckpt.EXIT_CODES[signal.SIGUSR1]
-    assert int(re.search(r"EXIT_SIGTERM=(\d+)", launch)[1]) == ckpt.EXIT_CODES[signal.SIGTERM]
+    assert int(re.search(r"EXIT_SIGUSR1=(\d+)", launch)[1]) == guards.EXIT_CODES[signal.SIGUSR1]
+    assert int(re.search(r"EXIT_SIGTERM=(\d+)", launch)[1]) == guards.EXIT_CODES[signal.SIGTERM]
     assert f"checkpoints/step_*/{ckpt.MANIFEST}" in launch and "--init_from resume" in launch.replace(
         '--init_from "$INIT_FROM"', "--init_from resume")
     assert (ROOT / re.search(r"CONFIG=\$\{CONFIG:-(\S+)\}", launch)[1]).is_file()
@@ -411,7 +412,7 @@ def _agree_with_a_late_signal(rank, init_file, results):
             os.kill(os.getpid(), signal.SIGTERM)  # handled before agreed() goes on
             return out
         dist.all_reduce = all_reduce_then_signal
-    with ckpt.StopSignals() as stop:
+    with guards.StopSignals() as stop:
         answers = [stop.agreed(accelerator)]
         dist.all_reduce = real_all_reduce
         answers.append(stop.agreed(accelerator))  # the late signal counts here, on both ranks
