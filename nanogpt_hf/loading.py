@@ -13,9 +13,7 @@ is "no such folder" at once, without a trip to the Hub; a Hub id gets one quick 
 not a minute of download retries.
 """
 
-import difflib
 import os
-from pathlib import Path
 
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
@@ -27,21 +25,17 @@ from .lora import apply_lora
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .outputs import generation_config
 from .tokenization import gpt2_tokenizer
-from .train_config import GPT2_MODELS, HUB_ID, looks_like_path
+from .train_config import GPT2_MODELS, HUB_ID, looks_like_path, near_folder
 
 # -----------------------------------------------------------------------------
 # pretrained models: gpt2*, a folder, a Hub id, a nanoGPT ckpt.pt
 
 
 def no_such_folder(name, flag):
-    """The one-line error for a model folder that isn't there, with the closest folder's name if one is near."""
-    path = Path(os.path.expanduser(name))
-    parent = path.parent if path.parent.is_dir() else None
-    near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1) if parent \
-        else []
-    hint = f"; did you mean {str(path.parent / near[0]) if str(path.parent) != '.' else near[0]}?" if near else ""
-    hub = "" if HUB_ID.fullmatch(name) else f"; a Hub id is owner/name, OpenAI's GPT-2 one of {', '.join(GPT2_MODELS)}"
-    return f"{flag} {name}: no such folder (expected a save_pretrained folder, e.g. a train.py out_dir){hint}{hub}"
+    """The one-line error for a model folder that isn't there (with the closest folder's name, if one is close)."""
+    hub = f"; a Hub id is owner/name, OpenAI's GPT-2 one of {', '.join(GPT2_MODELS)}" if "/" not in name else ""
+    return (f"{flag} {name}: no such folder (expected a save_pretrained folder, e.g. a train.py out_dir)"
+            f"{near_folder(name)}{hub}")
 
 
 def _source(name, flag):

@@ -204,14 +204,24 @@ def looks_like_path(name):
     return name.startswith(("/", ".", "~")) or name.endswith(".pt") or name.count("/") > 1
 
 
+def near_folder(name):
+    """'; did you mean X?' for the folder next to name whose name is closest to it (a typo), else ''."""
+    path = Path(os.path.expanduser(name))
+    parent = path.parent if path.parent.is_dir() else None
+    near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1) if parent \
+        else []
+    return f"; did you mean {path.parent / near[0] if str(path.parent) != '.' else near[0]}?" if near else ""
+
+
 def check_init_from(value):
     if value in ("scratch", "resume") or value in GPT2_MODELS or os.path.exists(os.path.expanduser(value)):
         return
     if looks_like_path(value):
-        raise ValueError(f"--init_from: {value} not found (expected a model dir or a nanoGPT ckpt.pt)")
+        raise ValueError(f"--init_from: {value} not found (no such folder or nanoGPT ckpt.pt{near_folder(value)})")
     if not HUB_ID.fullmatch(value):  # anything else must be a Hub id; whether it exists shows when it loads
         raise ValueError(f"--init_from must be 'scratch', 'resume', one of {', '.join(GPT2_MODELS)}, a model dir, "
-                         f"a Hub id (user/name) or a nanoGPT ckpt.pt; got {value!r}")
+                         f"a Hub id (user/name) or a nanoGPT ckpt.pt; got {value!r} (no such folder"
+                         f"{near_folder(value)})")
 
 
 # -----------------------------------------------------------------------------
