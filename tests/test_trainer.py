@@ -301,6 +301,22 @@ def test_out_dir_generation_config_sets_no_max_length(char_data_dir, tmp_path, c
     assert out.shape == (1, 8) and not [r for r in caplog.records if "max_length" in r.getMessage()]
 
 
+def test_init_from_a_nanogpt_ckpt_pt_takes_the_runs_dropout(char_data_dir, tmp_path):
+    """--init_from ckpt.pt (the original nanoGPT's checkpoint) with the run's dropout: it was a TypeError (dropout
+    given twice), a traceback instead of a model."""
+    from nanogpt_hf import NanoGPTConfig
+    from nanogpt_hf.data import TokenShards
+
+    torch.manual_seed(0)
+    nano = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=True))
+    args = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=True, dropout=0.0)
+    torch.save({"model_args": args, "model": {k: v for k, v in nano.state_dict().items() if k != "lm_head.weight"}},
+               tmp_path / "ckpt.pt")
+    model = build_model(tiny_cfg(char_data_dir, tmp_path, init_from=str(tmp_path / "ckpt.pt"), dropout=0.1),
+                        TokenShards(char_data_dir, "train"))
+    assert model.config.dropout == 0.1 and torch.equal(model.transformer.wte.weight, nano.transformer.wte.weight)
+
+
 def test_report_to_a_missing_tracker_is_a_clear_error(char_data_dir, tmp_path):
     import importlib.util
 
