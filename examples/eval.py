@@ -38,7 +38,7 @@ import yaml
 from nanogpt_hf.data import TokenShards
 from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, describe_chars, evaluate_loss, \
     lambada_accuracy, lm_eval_benchmarks, load_benchmark, max_context, sliding_window_perplexity, unknown_chars
-from nanogpt_hf.hub import CARD_MARKER, write_model_card
+from nanogpt_hf.card import CARD_MARKER, write_model_card
 from nanogpt_hf.loading import load_model
 
 RESULTS = "eval_results.json"  # in a local --model folder: the file its model card reads

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from nanogpt_hf.data import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, \
+from nanogpt_hf.prepare import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, \
     prepare_dataset
 
 

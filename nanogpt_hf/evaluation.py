@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
-from .data import load_hub_dataset
+from .prepare import load_hub_dataset
 from .guards import first_line
 from .modeling_nanogpt import CACHE_NAME
 from .tokenization import char_vocab

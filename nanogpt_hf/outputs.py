@@ -4,7 +4,7 @@ dir, the run's files, the model card; and the samples printed at the end.
 
     out_dir/model.safetensors config.json *.py generation_config.json tokenizer*   save_model_dir (the best model)
     out_dir/train_config.json results.json loss_curve.png                           write_run_files
-    out_dir/README.md                                                               hub.write_model_card
+    out_dir/README.md                                                               card.write_model_card
 
 Everything goes into out_dir/.tmp_best first and is moved in file by file (weights first), so out_dir never
 holds half a model: a reader sees the old best model or the new one.
@@ -23,7 +23,7 @@ from . import __version__
 from .checkpoint import CheckpointWriteError, apply_umask, describe_newest, full_state_dict, quiet_progress, saving
 from .evaluation import context_limit, generate_cropped
 from .guards import agree
-from .hub import write_model_card
+from .card import write_model_card
 from .lora import save_model_files
 
 # -----------------------------------------------------------------------------

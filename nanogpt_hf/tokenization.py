@@ -17,12 +17,12 @@ Tokenizers for nanogpt_hf, all saved in Hugging Face format so every trained mod
 - `gpt2_tokenizer()`: GPT-2 BPE as a GPT2TokenizerFast built from the very files tiktoken uses (its cache, or
   a download), so it agrees with tiktoken's "gpt2" encoding id for id. prepare encodes with tiktoken (fast,
   nanoGPT's) and saves this one next to the shards.
-- `load_tokenizer(path)`: AutoTokenizer for a data_dir (its tokenizer/ folder) or a tokenizer folder.
+- `load_pretrained_tokenizer(name)`: AutoTokenizer with a one-line error. (The tokenizer of a data_dir:
+  nanogpt_hf.data.load_tokenizer.)
 """
 
 import json
 import os
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
@@ -143,18 +143,3 @@ def load_pretrained_tokenizer(name_or_path):
             f"({type(e).__name__}); use --tokenizer char, gpt2, a tokenizer folder or a Hub id"
         ) from None
 
-
-def load_tokenizer(path):
-    """The tokenizer of a prepared data_dir (data_dir/tokenizer), or of a tokenizer/model folder."""
-    path = Path(path)
-    tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
-        from .data import llmc_meta
-
-        if not (path / "meta.json").is_file() and path.is_dir() and llmc_meta(path) is not None:
-            return gpt2_tokenizer()  # a folder of llm.c shards: GPT-2 tokens by that format's definition
-        raise FileNotFoundError(
-            f"no tokenizer in {path} (expected {path}/tokenizer/tokenizer.json); prepare the data with "
-            "examples/prepare.py"
-        )
-    return load_pretrained_tokenizer(tok_dir)

@@ -48,13 +48,12 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import guards, outputs
 from .checkpoint import CHECKPOINT_SLEEP_ENV, find_checkpoint  # noqa: F401 (API)
-from .data import TokenShards
+from .data import TokenShards, load_tokenizer
 from .evaluation import evaluate_loss
 from .hub import BackgroundPusher, resolve_data_dir
 from .loading import build_model
 from .lora import base_source
 from .optim import build_optimizer, lr_scales, set_lr
-from .tokenization import load_tokenizer
 from .train_config import TrainConfig, resolve_mixed_precision
 
 EVAL_MICRO_STEP = 1  # training draws its batches with micro_step 0, evaluation from this separate stream

@@ -376,7 +376,7 @@ def test_read_only_out_dir_is_refused_at_start(char_data_dir, tmpfs):
 @pytest.fixture(scope="module")
 def other_chars_data_dir(char_data_dir, tmp_path_factory):
     """The same text with one character replaced by another: the same vocab size, other tokens."""
-    from nanogpt_hf.data import prepare_dataset
+    from nanogpt_hf.prepare import prepare_dataset
 
     from conftest import make_text
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
-from nanogpt_hf.data import TokenShards
+from nanogpt_hf.data import TokenShards, load_tokenizer
 from nanogpt_hf.evaluation import _perplexity, evaluate_loss, lambada_accuracy, \
     sliding_window_perplexity, sliding_windows
-from nanogpt_hf.tokenization import build_char_tokenizer, load_tokenizer
+from nanogpt_hf.tokenization import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 32
