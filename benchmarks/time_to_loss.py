@@ -1,8 +1,8 @@
 """Time to a target val loss: two (or more) training configs, e.g. AdamW vs Muon, side by side.
 
-Each config trains with the trainer's own recipe (build_model, build_optimizer, get_lr, the batches of
-TokenShards) on the same data and seed; the runs' iterations alternate in one process and only the training
-steps are timed.
+Each config trains with the trainer's own code (build_model, build_optimizer, get_lr, and train_step over the
+loop's micro_batches) on the same data and seed; the runs' iterations alternate in one process and only the
+training steps are timed.
 
     from benchmarks.time_to_loss import bench_time_to_loss, format_time_to_loss
     print(format_time_to_loss(bench_time_to_loss({"adamw": cfg_a, "muon": cfg_b})))   # TrainConfigs
@@ -18,7 +18,8 @@ from accelerate.utils import set_seed
 from nanogpt_hf.data import TokenShards
 from nanogpt_hf.evaluation import evaluate_loss
 from nanogpt_hf.optim import build_optimizer, lr_scales, set_lr
-from nanogpt_hf.trainer import build_model, estimate_loss, get_batch_size, get_lr
+from nanogpt_hf.loading import build_model
+from nanogpt_hf.trainer import estimate_loss, get_lr, micro_batches, train_step
 
 from .common import sync
 
@@ -27,40 +28,37 @@ TIME_TO_LOSS_GOAL = 0.70  # Muon reaches TARGET_LOSS in <= 0.7x the wall time of
 
 
 class TimedRun:
-    """One training run of the trainer's recipe (its batches, schedule, optimizer and clipping) on one process,
-    stepped from outside, so that several can take turns in one process."""
+    """One training run of train()'s iterations on one process, stepped from outside, so that several can take
+    turns in one process (sharing one Accelerator: same gradient_accumulation_steps)."""
 
-    def __init__(self, label, cfg, device):
-        self.label, self.cfg, self.device = label, cfg, device
+    def __init__(self, label, cfg, accelerator):
+        self.label, self.cfg, self.accelerator, self.device = label, cfg, accelerator, accelerator.device
         self.train_data, self.val_data = TokenShards(cfg.data_dir, "train"), TokenShards(cfg.data_dir, "val")
         set_seed(cfg.seed)  # as train() does: the same seed gives the same initial weights
-        self.model = build_model(cfg, self.train_data, log=lambda *a: None).to(device).train()
-        self.optimizer = build_optimizer(self.model, cfg, torch.device(device).type, verbose=False)
-        self.scales = lr_scales(self.optimizer, cfg)
+        model = build_model(cfg, self.train_data, log=lambda *a: None)
+        optimizer = build_optimizer(model, cfg, self.device.type, verbose=False)
+        self.scales = lr_scales(optimizer, cfg)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model.train()
         self.it, self.seconds, self.step_ms, self.curve, self.reached = 0, 0.0, [], [], None
 
     def step(self):
-        """One iteration as in train(): lr, forward/backward over the micro-steps, clip, update. Timed."""
-        cfg, it, accum = self.cfg, self.it, self.cfg.gradient_accumulation_steps
+        """One iteration of train(): its learning rate, then train_step over its micro-batches. Timed."""
+        cfg, it = self.cfg, self.it
         sync(self.device)
         t0 = time.perf_counter()
         set_lr(self.optimizer, get_lr(it, cfg), self.scales)
-        for micro_step in range(accum):
-            x, y = self.train_data.get_batch(get_batch_size(it, cfg), cfg.block_size, it, seed=cfg.seed,
-                                             rank=micro_step, world_size=accum, device=self.device)
-            (self.model(x, shift_labels=y).loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        batches = micro_batches(self.train_data, cfg, it, self.accelerator)  # drawn as train() draws them
+        train_step(self.model, self.optimizer, self.accelerator, batches, cfg.grad_clip, cfg.nan_policy, it=it)
         sync(self.device)
         dt = time.perf_counter() - t0
         self.it, self.seconds = it + 1, self.seconds + dt
         self.step_ms.append(dt * 1e3)
 
-    def check(self, accelerator, target, full_eval):
+    def check(self, target, full_eval):
         """train.py's val loss estimate (cfg.eval_iters batches, the same every time); at the first one <= target,
         record where and when, and (full_eval) the exact loss over every val token."""
-        val = estimate_loss(self.model, {"val": self.val_data}, self.cfg, accelerator)["val"]
+        val = estimate_loss(self.model, {"val": self.val_data}, self.cfg, self.accelerator)["val"]
         self.curve.append(dict(iter=self.it, val_loss=val, seconds=self.seconds))
         if val <= target and self.reached is None:
             exact = evaluate_loss(self.model, self.val_data, self.cfg.batch_size, self.cfg.block_size, full=True,
@@ -78,19 +76,21 @@ def bench_time_to_loss(configs, target=TARGET_LOSS, check_every=25, device="cpu"
     the last one reaches it or its max_iters, so that the load stays the same for the runs still going, and the
     step times are compared over the rounds that all runs took part in."""
     cfgs = list(configs.values())
-    if len({(c.data_dir, c.seed) for c in cfgs}) > 1:
-        raise ValueError("the runs must share data_dir and seed, so that they differ only in what is compared")
-    accelerator = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="no")  # for estimate_loss
-    runs = [TimedRun(label, cfg, device) for label, cfg in configs.items()]
+    if len({(c.data_dir, c.seed, c.gradient_accumulation_steps) for c in cfgs}) > 1:
+        raise ValueError("the runs must share data_dir, seed and gradient_accumulation_steps, so that they differ "
+                         "only in what is compared")
+    accelerator = Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="no",
+                              gradient_accumulation_steps=cfgs[0].gradient_accumulation_steps)
+    runs = [TimedRun(label, cfg, accelerator) for label, cfg in configs.items()]
     for run in runs:
-        run.check(accelerator, target, full_eval)
+        run.check(target, full_eval)
     rounds = 0
     while any(r.reached is None and r.it < r.cfg.max_iters for r in runs):
         for run in runs[rounds % len(runs):] + runs[:rounds % len(runs)]:
             if run.it < run.cfg.max_iters:
                 run.step()
                 if run.reached is None and (run.it % check_every == 0 or run.it == run.cfg.max_iters):
-                    run.check(accelerator, target, full_eval)
+                    run.check(target, full_eval)
                     if run.reached is not None and log is not None:
                         log(f"{run.label}: val loss {run.reached['val_loss']:.4f} at iter {run.it}")
         rounds += 1

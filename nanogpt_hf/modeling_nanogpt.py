@@ -561,8 +561,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             raise ValueError(f"{path}: not a nanoGPT checkpoint (expected keys 'model_args' and 'model')")
         args = {k: ckpt["model_args"][k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")}
         # nanoGPT's MLP uses the exact GELU; keep it so logits match nanoGPT's own model
-        config = NanoGPTConfig(**args, dropout=float(ckpt["model_args"].get("dropout", 0.0)),
-                               activation_function="gelu", **config_overrides)
+        config = NanoGPTConfig(**{**args, "dropout": float(ckpt["model_args"].get("dropout", 0.0)),
+                                  "activation_function": "gelu", **config_overrides})  # overrides win (dropout)
         model = cls(config)
         # `_orig_mod.` is what saving a torch.compile'd module adds to every key
         sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}
