@@ -38,7 +38,7 @@ from nanogpt_hf.tokenization import gpt2_tokenizer, tiktoken_gpt2  # noqa: E402
 TARGET = 0.9  # the .map path >= 0.9x the bare tokenizer's tokens/s (issue 23)
 
 
-def make_text(text_file, root, mb):
+def bench_text(text_file, root, mb):
     """The text to prepare: text_file (or, offline, Python's standard library source) repeated to mb MB."""
     text = Path(text_file).read_text(encoding="utf-8") if text_file else "\n".join(stdlib_files(10**9)[1])
     if mb:
@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--num_proc", type=int, help="processes (default: all cores)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nanogpt_bench_prepare_") as tmp:
-        text = make_text(args.text, tmp, args.mb)
+        text = bench_text(args.text, tmp, args.mb)
         r = bench_prepare(text, tmp, num_proc=args.num_proc, repeats=args.repeats,
                           tokenizers=[t for t in args.tokenizers.split(",") if t])
     print(format_prepare(r))

@@ -24,7 +24,6 @@ document (eot_position "before"). A folder of llm.c shards without meta.json rea
 import json
 import os
 import re
-import time
 import zlib
 from pathlib import Path
 
@@ -272,14 +271,3 @@ def load_tokenizer(path):
         )
     return load_pretrained_tokenizer(tok_dir)
 
-
-# benchmark code (bench.py --what data); to move to benchmarks/ with the rest
-def benchmark_get_batch(data_dir, batch_size, block_size, n=1000, split="train"):
-    """Seconds per get_batch call (CPU tensors), averaged over n calls after a warm-up."""
-    ds = TokenShards(data_dir, split)
-    for step in range(10):
-        ds.get_batch(batch_size, block_size, step)
-    t0 = time.perf_counter()
-    for step in range(n):
-        ds.get_batch(batch_size, block_size, step)
-    return (time.perf_counter() - t0) / n

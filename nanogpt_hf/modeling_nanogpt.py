@@ -24,6 +24,7 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_nanogpt import NanoGPTConfig
 
@@ -82,7 +83,7 @@ class _SigmoidTanhGELU(torch.autograd.Function):
     """GPT-2's tanh GELU computed as x * sigmoid(2z), z = K (x + A x^3): the same function, since
     0.5 (1 + tanh(z)) == sigmoid(2z). Why: torch's CPU tanh kernel is slow. At the baby shape (12x64x512) on a
     2-core EPYC this takes 0.76 ms forward+backward, against 1.6 ms for F.gelu(approximate="tanh") and 0.6 ms
-    for the exact GELU (medians; the README has the history)."""
+    for the exact GELU (medians; docs/performance.md has the history)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -117,19 +118,52 @@ class TanhGELU(nn.Module):
 # -----------------------------------------------------------------------------
 # the transformer: attention, MLP, block
 
+def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """softmax(q k^T * scaling + mask) v written out, the path that returns the weights. q (B, nh, T, hs), k/v (B, nh,
+    S, hs), mask: additive (B|1, nh|1, T, S) or None for causal -> (B, T, nh, hs), weights (B, nh, T, S)."""
+    T = query.size(-2)
+    att = (query @ key.transpose(-2, -1)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        att = att + attention_mask
+    elif T > 1:  # top-left aligned like sdpa's is_causal (no mask only without a past, see _attention_bias)
+        future = torch.ones(T, key.size(-2), dtype=torch.bool, device=query.device).triu(1)
+        att = att.masked_fill(future, float("-inf"))
+    att = F.dropout(F.softmax(att, dim=-1), dropout, module.training)
+    return (att @ value).transpose(1, 2).contiguous(), att  # (B, nh, T, S) x (B, nh, S, hs) -> (B, T, nh, hs)
+
+
+# the implementations that add our bias; others (vLLM's paged attention, flash kernels) are handed it but may drop it:
+# harmless for the causal mask, which they apply themselves, wrong for ALiBi's distance bias
+BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def check_attention(model, attn_kwargs=None):
+    """Refuse ALiBi under an implementation that drops its bias; keywords beyond forward's own go to the attention
+    implementation, and eager/sdpa take none: there a misspelt name is an error, not silently ignored."""
+    impl = model.config._attn_implementation
+    if model.config.position_embedding == "alibi" and impl not in (None, *BIAS_IMPLEMENTATIONS):
+        raise ValueError(f"ALiBi positions are a bias added inside attention, which only eager and sdpa receive; "
+                         f"{impl!r} would drop it (wrong outputs): run this model with transformers or ONNX, or "
+                         "train with position_embedding='rope' to serve it with vLLM")
+    if attn_kwargs and impl in BIAS_IMPLEMENTATIONS:
+        raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument {next(iter(attn_kwargs))!r}")
+
+
 class CausalSelfAttention(nn.Module):
+    is_causal = True  # read by transformers' sdpa function and by engines that serve through the interface
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.scaling = config.head_dim ** -0.5  # an attribute: vLLM reads the scale from `scaling=self.scaling`
         # key, query, value projections for all heads, in one batched matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_proj = True  # scaled init, see _init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_bias, rope, cache, output_attentions=False):
+    def forward(self, x, attn_bias, rope, cache, output_attentions=False, **kwargs):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -140,24 +174,13 @@ class CausalSelfAttention(nn.Module):
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs): cached + new
-        dropout_p = self.dropout if self.training else 0.0
-        # attn_bias None means plain causal attention over the whole sequence: the fast (flash) kernel
-        is_causal = attn_bias is None and T > 1
-        att = None
-        # the attention weights exist only in the eager (explicit softmax) path, so asking for them takes it
-        if self.config._attn_implementation == "eager" or output_attentions:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-            if is_causal:
-                # top-left aligned like sdpa's is_causal (only taken without a past, see _attention_bias)
-                future = torch.ones(T, k.size(-2), dtype=torch.bool, device=x.device).triu(1)
-                att = att.masked_fill(future, float("-inf"))
-            elif attn_bias is not None:
-                att = att + attn_bias
-            att = F.dropout(F.softmax(att, dim=-1), dropout_p, self.training)
-            y = att @ v  # (B, nh, T, S) x (B, nh, S, hs) -> (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        # one call through transformers' attention interface, the function picked by config._attn_implementation
+        # ("sdpa", "eager": ours above, "vllm": the engine's paged attention); only eager returns the weights
+        impl = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        y, att = attention_interface(self, q, k, v, attn_bias, dropout=self.dropout if self.training else 0.0,
+                                     scaling=self.scaling, **kwargs)
+        y = y.reshape(B, T, C)  # (B, T, nh, hs) -> all head outputs side by side
         return self.resid_dropout(self.c_proj(y)), att
 
 
@@ -185,8 +208,8 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_bias=None, rope=None, cache=None, output_attentions=False):
-        y, att = self.attn(self.ln_1(x), attn_bias, rope, cache, output_attentions)
+    def forward(self, x, attn_bias=None, rope=None, cache=None, output_attentions=False, **kwargs):
+        y, att = self.attn(self.ln_1(x), attn_bias, rope, cache, output_attentions, **kwargs)
         x = x + y
         x = x + self.mlp(self.ln_2(x))
         return x, att  # att: (B, nh, T, S) attention weights, or None unless asked for
@@ -211,16 +234,13 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
+    # attention goes through transformers' ALL_ATTENTION_FUNCTIONS with the caller's kwargs: engines that plug their
+    # own attention in there (vLLM's Transformers backend) can serve the model
+    _supports_attention_backend = True
     # no data-dependent Python branch in forward (a static cache's length stays a tensor): generate() may compile
     # the decoding step with fullgraph=True (on CUDA by itself with cache_implementation="static")
     _can_compile_fullgraph = True
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]  # causal-mask buffers of old nanoGPT checkpoints
-
-    @classmethod
-    def _can_set_attn_implementation(cls):
-        # transformers guesses this from the source (it looks for its AttentionInterface); ours reads
-        # config._attn_implementation at every call, so set_attn_implementation("eager" | "sdpa") takes effect
-        return True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -251,6 +271,7 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.gradient_checkpointing = False
+        check_attention(self)  # e.g. vLLM builds us with "vllm": refuse ALiBi at load, not at the first request
         self.post_init()
 
     def get_input_embeddings(self):
@@ -261,13 +282,16 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                past_key_values=None):
+                past_key_values=None, **attn_kwargs):
         """cache: a transformers Cache (past_key_values is its name before transformers 5.24). output_hidden_states:
-        n_layer + 1 states as GPT-2 gives them (the embeddings, each block's input, and the last one after ln_f)."""
+        n_layer + 1 states as GPT-2 gives them (the embeddings, each block's input, and the last one after ln_f).
+        position_ids (B, T): every position kind comes from it, e.g. for sequences flattened into one row as vLLM runs
+        them. attn_kwargs: for the attention implementation (eager and sdpa take none: there a name is a TypeError)."""
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cfg = self.config
+        check_attention(self, attn_kwargs)
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = cfg.return_dict if return_dict is None else return_dict
@@ -284,6 +308,7 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         S = past_len + T  # keys/values the new tokens attend to (a 0-d tensor with a static cache)
         K = cache.layers[0].max_cache_len if static else S
+        given_positions = position_ids  # a flattened batch is longer than any of its sequences: check these instead
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # left padding: real tokens start at position 0, exactly as without padding (with a static cache
@@ -296,9 +321,10 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         pe = cfg.position_embedding
         if pe == "learned":
             # (checked on the host, so not inside a compiled graph: there an out-of-range position fails in wpe)
-            if not torch.compiler.is_compiling() and S > cfg.block_size:
+            length = S if given_positions is None else int(given_positions.max()) + 1 if given_positions.numel() else 0
+            if not torch.compiler.is_compiling() and length > cfg.block_size:
                 raise ValueError(
-                    f"sequence length {int(S)} exceeds block_size {cfg.block_size}, the length of this model's "
+                    f"sequence length {length} exceeds block_size {cfg.block_size}, the length of this model's "
                     "learned position table: crop the input to the last block_size tokens "
                     "(or train with position_embedding='alibi' or 'rope', which extrapolate)"
                 )
@@ -312,7 +338,8 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 hidden_states += (x,)
-            x, att = block(x, attn_bias=attn_bias, rope=rope, cache=cache, output_attentions=output_attentions)
+            x, att = block(x, attn_bias=attn_bias, rope=rope, cache=cache, output_attentions=output_attentions,
+                           position_ids=position_ids, **attn_kwargs)
             if output_attentions:
                 attentions += (att,)
         x = self.ln_f(x)
@@ -378,23 +405,23 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep=0, past_key_values=None, **loss_kwargs):
+                logits_to_keep=0, past_key_values=None, **kwargs):
         """labels: like input_ids (shifted inside, -100 ignored). logits_to_keep=k: logits of the last k positions.
 
-        loss_kwargs, transformers' loss keywords and nothing else (anything more is a TypeError, not silently dropped):
+        kwargs: transformers' loss keywords, and the attention implementation's keywords (passed down to it; under
+        eager/sdpa, which take none, anything else is a TypeError, not silently dropped):
           shift_labels: targets already shifted, as nanoGPT's (x, y) batches are, so no position is wasted (and what
             Trainer hands over under sequence/context parallelism). Not a named parameter: Trainer takes every named
             forward parameter containing "label" for a label column, and evaluate() then reports no eval_loss.
           num_items_in_batch: the loss is summed and divided by it (Trainer's exact loss under gradient accumulation).
         The cache is taken under both its names (`cache` since transformers 5.24)."""
-        for name in loss_kwargs.keys() - {"shift_labels", "num_items_in_batch"}:
-            raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {name!r}")
-        shift_labels, num_items = loss_kwargs.get("shift_labels"), loss_kwargs.get("num_items_in_batch")
+        shift_labels, num_items = kwargs.pop("shift_labels", None), kwargs.pop("num_items_in_batch", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        check_attention(self, kwargs)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
                                use_cache=use_cache, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states, return_dict=True)
+                               output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         x = out.last_hidden_state  # (B, T, C)
         loss = None
         if labels is not None or shift_labels is not None:
@@ -418,7 +445,25 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         # transformers < 5.24 also passes cache_position; positions here come from the cache's length instead
         inputs.pop("cache_position", None)
+        block = self.config.block_size
+        if self.config.position_embedding == "learned" and input_ids.size(1) > block and inputs.get("input_ids") is not None:
+            # nanoGPT's crop: learned positions end at block_size, so past it each new token is computed from the last
+            # block_size tokens, from scratch (every cached key/value sits at a position that has shifted by one)
+            mask = kwargs.get("attention_mask")  # 2-D (B, S) in generate(); None: no padding
+            inputs.update(input_ids=input_ids[:, -block:], attention_mask=None if mask is None else mask[:, -block:])
+            inputs.pop("position_ids", None)  # recomputed from the cropped mask: the window starts at position 0
+            for key in ("cache", "past_key_values"):
+                if inputs.get(key) is not None:
+                    inputs[key] = DynamicCache(config=self.config)  # static or dynamic, the old one is stale
         return inputs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # auto_map gets AutoModel too (transformers writes only the saved class): vLLM's Transformers backend loads
+        # the base model with it
+        if self._auto_class is not None:
+            model = f"{type(self).__module__.rsplit('.', 1)[-1]}.NanoGPTModel"
+            self.config.auto_map = dict(getattr(self.config, "auto_map", None) or {}) | {"AutoModel": model}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -------------------------------------------------------------------------
     # nanoGPT's helpers
@@ -488,12 +533,13 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         return model
 
     def to_gpt2(self) -> GPT2LMHeadModel:
-        """A vanilla GPT2LMHeadModel with identical logits (learned positions), for people who won't run remote code."""
+        """A vanilla GPT2LMHeadModel with identical logits (learned positions), for people who won't run remote code
+        and for engines that serve GPT-2 natively (vLLM; llama.cpp through its converter, which reads n_ctx)."""
         c = self.config
         if c.position_embedding != "learned":
             raise ValueError(f"to_gpt2: GPT-2 has learned positions; this model uses {c.position_embedding!r}")
         gpt2 = GPT2LMHeadModel(GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
             activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
             tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout))
@@ -515,8 +561,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             raise ValueError(f"{path}: not a nanoGPT checkpoint (expected keys 'model_args' and 'model')")
         args = {k: ckpt["model_args"][k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")}
         # nanoGPT's MLP uses the exact GELU; keep it so logits match nanoGPT's own model
-        config = NanoGPTConfig(**args, dropout=float(ckpt["model_args"].get("dropout", 0.0)),
-                               activation_function="gelu", **config_overrides)
+        config = NanoGPTConfig(**{**args, "dropout": float(ckpt["model_args"].get("dropout", 0.0)),
+                                  "activation_function": "gelu", **config_overrides})  # overrides win (dropout)
         model = cls(config)
         # `_orig_mod.` is what saving a torch.compile'd module adds to every key
         sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}

@@ -11,7 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from nanogpt_hf.data import TokenShards, benchmark_get_batch, load_tokenizer, read_meta
+from benchmarks.data_loader import benchmark_get_batch
+from nanogpt_hf.data import TokenShards, load_tokenizer, read_meta
 from nanogpt_hf.prepare import prepare_dataset
 from nanogpt_hf.sources import chunk_text, stdlib_files
 

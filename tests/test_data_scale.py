@@ -389,8 +389,7 @@ def test_fineweb_config_is_the_llmc_schedule():
     assert cfg.data_dir == "data/fineweb_edu10B"
 
 
-def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken_cache, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
+def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken_cache):
     from benchmarks.prepare import bench_prepare, format_prepare
 
     text = tmp_path / "t.txt"

@@ -150,3 +150,55 @@ def test_both_cache_names_are_accepted():
                 warnings.simplefilter("error")
             out = m(x[:, 5:], **{name: getattr(prefix, CACHE_NAME)})
         assert (out.logits[:, -1] - ref).abs().max().item() <= TOL, name
+
+
+# -----------------------------------------------------------------------------
+# past block_size: learned positions end there, so generate() crops the context as nanoGPT's generate does
+
+def cropped_greedy(m, ids, n):
+    """nanoGPT's loop: each token from the last block_size tokens, no cache. ids (1, T) -> (1, T + n), step logits."""
+    steps = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(ids[:, -m.config.block_size:], use_cache=False).logits[:, -1]
+            steps.append(logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids, steps
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "no cache"])
+def test_learned_positions_generate_past_block_size_as_nanogpt_crops(mode):
+    m = tiny(block_size=16)
+    prompt = torch.randint(0, 67, (1, 5))
+    kw = {"dynamic": {}, "static": dict(cache_implementation="static"), "no cache": dict(use_cache=False)}[mode]
+    out = gen(m, prompt, max_new_tokens=40, **kw)  # 45 tokens through a 16-position table
+    ref, steps = cropped_greedy(m, prompt, 40)
+    assert out.sequences.tolist() == ref.tolist()
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, steps, strict=True)) <= TOL
+
+
+def test_left_padded_batch_past_block_size_matches_each_row_alone():
+    m = tiny(block_size=16)
+    rows = [torch.randint(1, 67, (1, n)) for n in (9, 3)]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, 9 - r.shape[1]:], mask[i, 9 - r.shape[1]:] = r, 1
+    out = gen(m, ids, attention_mask=mask, max_new_tokens=20)
+    for i, r in enumerate(rows):
+        ref, steps = cropped_greedy(m, r, 20)
+        assert out.sequences[i, 9 - r.shape[1]:].tolist() == ref[0].tolist()
+        assert max((a[i] - b[0]).abs().max().item() for a, b in zip(out.logits, steps)) <= TOL
+
+
+def test_pipeline_generates_100_tokens_from_a_block_size_64_model(tmp_path):
+    from transformers import pipeline
+
+    from nanogpt_hf.tokenization import build_char_tokenizer
+    tokenizer = build_char_tokenizer("First Citizen:\nBefore we proceed any further, hear me speak.\n", eot=None)
+    m = tiny(vocab_size=len(tokenizer), block_size=64)
+    m.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    text = pipeline("text-generation", model=str(tmp_path))("Before we", max_new_tokens=100, do_sample=False)
+    ref, _ = cropped_greedy(m, torch.tensor([tokenizer("Before we")["input_ids"]]), 100)
+    assert text[0]["generated_text"] == tokenizer.decode(ref[0]) and len(ref[0]) == 9 + 100
