@@ -1,5 +1,5 @@
 """
-Benchmarks (nanoGPT's bench.py, plus the comparisons of the README's Performance table):
+Benchmarks (nanoGPT's bench.py, plus the comparisons of docs/performance.md); the code is in benchmarks/:
 
     python examples/bench.py                               # all three at nanoGPT's CPU "baby" shape
     python examples/bench.py --what train --iters 100      # nanogpt_hf vs GPT2LMHeadModel vs plain PyTorch
@@ -36,15 +36,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ (and nanogpt_hf/ when not installed)
 
 import torch
 import transformers
 
-from nanogpt_hf.benchmark import PRESETS, TARGET_LOSS, TIME_TO_LOSS_GOAL, Shape, bench_bf16, bench_data, \
-    bench_generate, bench_prepare, bench_sample, bench_text, bench_time_to_loss, bench_train, describe_machine, \
-    format_bf16, format_data, format_generate, format_prepare, format_sample, format_time_to_loss, format_train, \
-    prepare_bench_data
+from benchmarks.common import PRESETS, Shape, describe_machine
+from benchmarks.data_loader import bench_data, format_data, prepare_bench_data
+from benchmarks.generation import bench_generate, bench_sample, format_generate, format_sample
+from benchmarks.prepare import bench_prepare, bench_text, format_prepare
+from benchmarks.time_to_loss import TARGET_LOSS, TIME_TO_LOSS_GOAL, bench_time_to_loss, format_time_to_loss
+from benchmarks.train_step import bench_bf16, bench_train, format_bf16, format_train
 from nanogpt_hf.evaluation import autocast_dtype, default_device
 from nanogpt_hf.train_config import parse_config
 
@@ -63,9 +65,11 @@ def parse_args(argv=None):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value (required with --preset custom)")
     p.add_argument("--bias", action="store_true", help="give nanogpt_hf biases too (default: nanoGPT's bias=False)")
-    p.add_argument("--activation", default="gelu", choices=("gelu_new", "gelu"),
-                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu (exact, as nanoGPT's model.py; "
-                        "train.py's default for new models) or gelu_new (GPT-2's tanh GELU)")
+    # the default is what the README's headline row measures: both models with GPT-2's own activation
+    p.add_argument("--activation", default="gelu_new", choices=("gelu_new", "gelu"),
+                   help="MLP activation of nanogpt_hf and GPT2LMHeadModel alike: gelu_new (GPT-2's tanh GELU, "
+                        "GPT2LMHeadModel's default) or gelu (exact, as nanoGPT's model.py; train.py's default for "
+                        "new models)")
     p.add_argument("--gpt2_activation", choices=("gelu_new", "gelu", "gelu_pytorch_tanh"),
                    help="a different activation for GPT2LMHeadModel (default: --activation); gelu_pytorch_tanh: "
                         "the same tanh GELU as gelu_new in torch's one kernel instead of Python ops")

@@ -18,23 +18,30 @@ Benchmarks (test splits from the Hub through `datasets`, or --<name>_file): wiki
 token- and word-level perplexity of the whole text with a sliding window (--max_length tokens, a new window
 every --stride tokens); lambada gives last-word accuracy. Every other name is an lm-evaluation-harness task
 (`pip install -e ".[eval]"`; `standard` = hellaswag, lambada_openai, wikitext, arc_easy, piqa; local YAML tasks in
---tasks_dir); their results also go into the model folder (eval_results.json) and its model card (model-index)
-when --model is a local folder. A YAML config may hold any of the flags; flags given on the command line win.
-Results: a table, and a JSON file (--out).
+--tasks_dir); their results also go into the model card (model-index) when --model is a local folder. A YAML
+config may hold any of the flags; flags given on the command line win.
+Results: a table, and a JSON file: --out, by default eval_results.json in the --model folder when it is a local
+one (what its model card reads; results of earlier runs for other splits, benchmarks and tasks stay in it), else
+in the current directory.
 """
 
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import yaml
 
+from nanogpt_hf.data import TokenShards
 from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, describe_chars, evaluate_loss, \
-    lambada_accuracy, lm_eval_benchmarks, load_benchmark, load_model, max_context, sliding_window_perplexity, \
-    unknown_chars
+    lambada_accuracy, lm_eval_benchmarks, load_benchmark, max_context, sliding_window_perplexity, unknown_chars
+from nanogpt_hf.card import CARD_MARKER, write_model_card
+from nanogpt_hf.loading import load_model
+
+RESULTS = "eval_results.json"  # in a local --model folder: the file its model card reads
 
 
 def build_parser():
@@ -54,7 +61,8 @@ def build_parser():
     p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task (a quick look)")
     p.add_argument("--num_fewshot", type=int, help="lm-eval: few-shot examples (default: each task's, mostly 0)")
     p.add_argument("--no_model_card", action="store_true",
-                   help="don't write lm-eval results into a local --model folder (eval_results.json, README.md)")
+                   help=f"don't write into a local --model folder ({RESULTS}, README.md); --out then defaults to "
+                        f"./{RESULTS}")
     for name in BENCHMARKS:
         p.add_argument(f"--{name}_file", help=f"local file instead of the Hub's {name} test split (implies it)")
     p.add_argument("--stride", type=int, default=512, help="sliding window: new tokens scored per window")
@@ -63,7 +71,8 @@ def build_parser():
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow a Hub model's own code")
     p.add_argument("--reference_loss", help="published losses to print next to ours, e.g. train=3.11,val=3.12")
-    p.add_argument("--out", default="eval_results.json", help="JSON file for the results")
+    p.add_argument("--out", help=f"JSON file for the results (default: {RESULTS} in a local --model folder, else in "
+                                 "the current directory)")
     return p
 
 
@@ -111,8 +120,6 @@ def parse_reference(text):
 
 def run(args, accelerator):
     """Everything eval.py computes, as a dict (also what goes into the JSON file)."""
-    from nanogpt_hf.data import TokenShards
-
     device = args.device if args.device and accelerator.num_processes == 1 else accelerator.device
     dtype = autocast_dtype(device, args.dtype)
     model, tokenizer = load_model(args.model, device, trust_remote_code=args.trust_remote_code)
@@ -142,7 +149,7 @@ def run(args, accelerator):
         results["lm_eval"], raw = lm_eval_benchmarks(model, tokenizer, tasks, tasks_dir=args.tasks_dir,
                                                      batch_size=args.batch_size, limit=args.limit,
                                                      num_fewshot=args.num_fewshot)
-        results["lm_eval_version"] = raw.get("lm_eval_version") or _version("lm_eval")
+        results["lm_eval_version"] = raw.get("lm_eval_version") or version("lm_eval")
     for name in names:
         with accelerator.main_process_first():  # one process downloads, the others read the cache
             data = load_benchmark(name, getattr(args, f"{name}_file"))
@@ -160,12 +167,6 @@ def run(args, accelerator):
         r["source"] = getattr(args, f"{name}_file") or "/".join(BENCHMARKS[name]["hub"][:3])
         results["benchmarks"][name] = r
     return results
-
-
-def _version(package):
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def format_table(results):
@@ -194,6 +195,42 @@ def format_table(results):
                                for row in rows])
 
 
+def model_folder(args):
+    """The --model folder this run may write its results into (a local model folder, no --no_model_card), or None."""
+    folder = Path(args.model).expanduser()
+    return folder if (folder / "config.json").is_file() and not args.no_model_card else None
+
+
+def merged(path, results):
+    """results over the earlier ones in path: per data split, benchmark and lm-eval task, this run's win."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    old = old if isinstance(old, dict) else {}
+    return {**old, **results, **{k: {**(old.get(k) or {}), **results.get(k, {})} for k in ("data", "benchmarks",
+                                                                                         "lm_eval")}}
+
+
+def write_results(args, results):
+    """The JSON file (--out, or the model folder's eval_results.json), and the model card of a local --model."""
+    folder = model_folder(args)
+    record = folder / RESULTS if folder is not None else None
+    out = Path(args.out) if args.out else record or Path(RESULTS)
+    out.write_text(json.dumps(merged(out, results) if out == record else results, indent=2) + "\n")
+    print(f"results written to {out}" + ("" if args.out or record else " (the current directory)"))
+    if record is None or not results.get("lm_eval"):
+        return
+    if out != record:  # the model card reads the model folder's file
+        keep = {k: results[k] for k in ("model", "data", "lm_eval", "lm_eval_version")}
+        record.write_text(json.dumps(merged(record, keep), indent=2) + "\n")
+        print(f"and to {record}")
+    card = folder / "README.md"
+    if not card.is_file() or CARD_MARKER in card.read_text(encoding="utf-8", errors="replace"):
+        write_model_card(folder)  # (a card edited by hand, its marker line gone, stays as it is)
+        print(f"model card: {card}")
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -210,17 +247,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         print(format_table(results))
         results["args"] = {k: v for k, v in vars(args).items()}
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {args.out}")
-        if results.get("lm_eval") and not args.no_model_card and (Path(args.model) / "config.json").is_file():
-            from nanogpt_hf.hub import CARD_MARKER, write_model_card
-
-            keep = {k: results[k] for k in ("model", "data", "lm_eval", "lm_eval_version")}
-            (Path(args.model) / "eval_results.json").write_text(json.dumps(keep, indent=2) + "\n")
-            card = Path(args.model) / "README.md"
-            if not card.is_file() or CARD_MARKER in card.read_text(encoding="utf-8", errors="replace"):
-                write_model_card(args.model)  # (a card edited by hand, its marker line gone, stays as it is)
-            print(f"and to {Path(args.model) / 'eval_results.json'} (model card: {card})")
+        write_results(args, results)
     return results
 
 

@@ -24,7 +24,8 @@ import torch
 from transformers import TextStreamer, set_seed
 
 from nanogpt_hf.evaluation import autocast, autocast_dtype, context_limit, default_device, describe_chars, \
-    generate_cropped, load_model, static_decoding, unknown_chars
+    generate_cropped, static_decoding, unknown_chars
+from nanogpt_hf.loading import load_model
 
 
 def parse_args(argv=None):

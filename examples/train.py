@@ -33,7 +33,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except Exception as e:  # a stop signal (SIGINT, SIGTERM, SIGUSR1) after its checkpoint: exit 128 + signal
-        from nanogpt_hf.checkpoint import Interrupted
+        from nanogpt_hf.guards import Interrupted
 
         if not isinstance(e, Interrupted):
             raise

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch
 
-from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.data import TokenShards
+from nanogpt_hf.loading import new_model
 from nanogpt_hf.train_config import parse_config
 
 
@@ -39,9 +39,7 @@ def bare_step_ms(cfg, iters):
     """ms of each iteration of the bare model step on cfg's model, optimizer and (pre-fetched) batches."""
     data = TokenShards(cfg.data_dir, "train")
     torch.manual_seed(cfg.seed)
-    model = NanoGPTForCausalLM(NanoGPTConfig(
-        vocab_size=data.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, position_embedding=cfg.position_embedding))
+    model = new_model(cfg, data, log=lambda *a: None)  # the model train() builds for init_from scratch
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
     batches = [data.get_batch(cfg.batch_size, cfg.block_size, it, seed=cfg.seed) for it in range(iters)]

@@ -1,8 +1,8 @@
 """
-Resumable checkpoints, and what keeps a run's out_dir safe: interrupts, damaged files, a second run, a full disk.
+Resumable checkpoints: written so that a crash or a full disk never leaves half of one, verified when read.
 
     out_dir/checkpoints/step_XXXXXX/
-        model.safetensors config.json   the weights (with the model config build_model reads)
+        model.safetensors config.json   the weights (with the model config loading.build_model reads)
         optimizer.pt scaler.pt          the optimizer (or sharded/: FSDP / DeepSpeed in their own formats), fp16 scaler
         rng_state_<rank>.pt             each rank's RNG (dropout), so a resume is bit-exact
         trainer_state.json              iter, history, best val loss, the run's config, the tokenizer's hash
@@ -18,22 +18,16 @@ damaged it later; its manifest catches that (a truncated or emptied file, a flip
 warns in one line and takes the next older one. sha256 of a GPT-2 small checkpoint (0.5 GB weights + 1 GB AdamW
 state) takes ~1.4 s here (hashlib, ~1.1 GB/s), once per save and once per resume.
 
-Also here: OutDirLock (one run per out_dir), check_room (pre-flight: out_dir writable and room for a
-checkpoint), StopSignals (SIGINT / SIGTERM / SIGUSR1 -> finish the iteration, checkpoint, exit 128 + signal).
+The run guards around a checkpoint (the out_dir lock, stop signals, disk room, resumability) are in guards.py.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import socket
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,39 +37,15 @@ from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
+from .guards import agree, write_error
+
 CHECKPOINT_SLEEP_ENV = "NANOGPT_HF_CHECKPOINT_SLEEP"  # test hook "ITER:SECONDS": pause in iter ITER's checkpoint write
 MANIFEST = "manifest.json"
 STEP = re.compile(r"step_\d+")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-EXIT_CODES = {int(s): 128 + int(s) for s in STOP_SIGNALS}  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1 (Linux numbers)
 
 
 class CheckpointWriteError(ValueError):
     """Saving failed (a full disk, a read-only file system); the message is one line naming the path and cause."""
-
-
-class Interrupted(Exception):
-    """A stop signal ended the run after a checkpoint; exit_code is 128 + the signal's number."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# -----------------------------------------------------------------------------
-# agreeing across ranks: an error on one rank must not leave the others waiting in a collective
-
-
-def agree(accelerator, error, exc=ValueError):
-    """Call on every rank with this rank's error message (or None): raises exc on every rank if any has one (a
-    rank without one of its own says so; the failing rank's line names the cause)."""
-    if accelerator.num_processes > 1:
-        failed = torch.tensor(float(error is not None), device=accelerator.device)
-        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-        if failed.item() and error is None:
-            error = f"[rank {accelerator.process_index}] stopped because another rank failed (its error names why)"
-    if error:
-        raise exc(error)
 
 
 def full_state_dict(accelerator, model):
@@ -116,15 +86,6 @@ def torch_save(obj, path):
             if sink.error is not None:
                 raise sink.error from None
             raise
-
-
-def write_error(e):
-    """The cause of a failed write in a few words: 'No space left on device', 'Permission denied', ..."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)  # safetensors: "...: I/O error: No space ..."
-    return m.group(1) if m else text
 
 
 @contextlib.contextmanager
@@ -355,171 +316,7 @@ def describe_newest(out_dir):
     return f"the newest checkpoint is {newest}: resume from it with --init_from resume"
 
 
-# -----------------------------------------------------------------------------
-# out_dir: one run at a time, and room for a checkpoint
-
-
-class OutDirLock:
-    """An exclusive flock on out_dir/.lock, held by the main process while it trains. The kernel drops it when
-    the process ends, however it ends (kill -9 too), so a stale lock never blocks a later run. The file holds
-    the PID and host of the run that has it (shared file systems: flock works on NFSv4 and Lustre)."""
-
-    def __init__(self, out_dir):
-        self.path, self.fd = Path(out_dir) / ".lock", None
-
-    def acquire(self):
-        """None on success, else the one-line reason (another run has it, or out_dir is not writable)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            return f"--out_dir {self.path.parent} is not writable ({write_error(e)}): {self.path}"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").split()
-            os.close(fd)
-            pid, host = (holder + ["?", "?"])[:2]
-            return (f"--out_dir {self.path.parent} is in use by another training run (PID {pid} on {host}); wait "
-                    "for it to end or stop it, or use another --out_dir")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.fd = fd
-        return None
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock; the file stays (deleting it would race a new run)
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def checkpoint_bytes(num_params):
-    """About what one checkpoint takes on disk: fp32 weights plus the optimizer's state (AdamW: two fp32 moments
-    per weight; Muon: at most that, so one bound serves both), plus 5% and 1 MB for the rest."""
-    return int(num_params * 4 * 3 * 1.05) + (1 << 20)
-
-
-def check_room(out_dir, num_params):
-    """None, or a one-line reason why out_dir can't take a checkpoint and a best model: not writable, or too
-    little free space."""
-    folder = Path(out_dir) / "checkpoints"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        return f"--out_dir {out_dir} is not writable ({write_error(e)}: {getattr(e, 'filename', None) or folder})"
-    need = checkpoint_bytes(num_params) + num_params * 4  # a checkpoint, and the best model
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        return (f"--out_dir {out_dir} has {free / 2**20:.1f} MB free, but a checkpoint and the best model of this "
-                f"{num_params:,}-parameter model need about {need / 2**20:.1f} MB: free space or use another "
-                "--out_dir")
-    return None
-
-
-# -----------------------------------------------------------------------------
-# stop signals
-
-
-class StopSignals:
-    """While active, SIGINT (Ctrl-C), SIGTERM (schedulers, docker stop) and SIGUSR1 (SLURM's --signal) only set
-    a flag; the trainer checks it once per iteration (and per evaluation batch), agreeing across ranks, then
-    writes a checkpoint and raises Interrupted with exit code 128 + signal. A second Ctrl-C stops at once,
-    without a checkpoint. Handlers are installed only in the main thread, and restored on exit."""
-
-    def __init__(self):
-        self.signum, self._old, self._first = None, {}, 0.0
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in STOP_SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old.clear()
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum, self._first = signum, time.time()
-            print(f"{signal.Signals(signum).name}: stopping after this iteration, writing a checkpoint"
-                  + (" (Ctrl-C again: stop at once, without one)" if signum == signal.SIGINT else ""),
-                  file=sys.stderr, flush=True)
-        elif signum == signal.SIGINT and time.time() - self._first > 1:
-            raise Interrupted("second Ctrl-C: stopped at once, without writing a checkpoint",
-                              EXIT_CODES[signal.SIGINT])
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    def agreed(self, accelerator, *flags):
-        """Whether any rank got a stop signal (then it counts as received here too), and for each of flags (bools
-        or 0-d tensors) whether it is true on any rank: one all-reduce when distributed (call on every rank)."""
-        if accelerator.num_processes > 1:
-            values = torch.stack([torch.as_tensor(float(self.signum or 0), device=accelerator.device)]
-                                 + [torch.as_tensor(f, device=accelerator.device).float() for f in flags])
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-            signum, *flags = values.tolist()
-            if signum and self.signum is None:
-                self.signum = int(signum)  # another rank's signal: stop with it
-            # the reduced value, not self.requested: a signal landing here, after the all-reduce, would make this
-            # rank stop an iteration before the others (which then hang in their next collective); it counts at
-            # the next call instead
-            stopping, flags = signum > 0, [f > 0 for f in flags]
-        else:
-            stopping = self.requested
-        return (stopping, *flags) if flags else stopping
-
-    def interrupted(self, path, it):
-        """The Interrupted to raise after the checkpoint path (None: there is none, nothing was trained yet)."""
-        name, code = signal.Signals(self.signum).name, EXIT_CODES[self.signum]
-        where = f"checkpoint {path}; continue with --init_from resume" if path else "nothing trained, no checkpoint"
-        return Interrupted(f"stopped by {name} at iter {it}; {where} (exit code {code})", code)
-
-
-__all__ = ["save", "load", "load_latest", "find_checkpoint", "checkpoints", "verify", "write_manifest",
-           "remove_unfinished_writes", "OutDirLock", "check_room", "StopSignals", "Interrupted",
-           "CheckpointWriteError", "EXIT_CODES", "CHECKPOINT_SLEEP_ENV", "full_state_dict", "rng_state",
-           "set_rng_state", "torch_save", "agree", "file_mode", "apply_umask", "describe_newest"]
-
-
-# -----------------------------------------------------------------------------
-# the tokenizer's identity: the same vocab size is not the same vocab
-
-
-def tokenizer_hash(tokenizer):
-    """A short hash of a tokenizer's vocabulary (token -> id), or None without a tokenizer."""
-    if tokenizer is None:
-        return None
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def check_same_tokenizer(model_dir, tokenizer, flag, data_dir):
-    """A local model dir with a tokenizer (a train.py out_dir) must have the data's tokenizer; ValueError naming
-    both otherwise. Hub ids and folders without one are not checked (nothing to compare without a download)."""
-    folder = Path(os.path.expanduser(str(model_dir)))
-    if tokenizer is None or not folder.is_dir() or not any((folder / n).is_file() for n in
-                                                          ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-        return
-    from transformers import AutoTokenizer
-
-    try:
-        theirs = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        return
-    a, b = tokenizer_hash(theirs), tokenizer_hash(tokenizer)
-    if a != b:
-        raise ValueError(f"{flag}: its tokenizer ({len(theirs)} tokens, vocab hash {a}) is not the data's "
-                         f"({len(tokenizer)} tokens, vocab hash {b}, {data_dir}): the token ids would mean other "
-                         "text; prepare the data with the model's tokenizer")
+__all__ = ["save", "load", "load_latest", "find_checkpoint", "checkpoints", "verify", "write_manifest", "read_state",
+           "remove_unfinished_writes", "CheckpointWriteError", "CHECKPOINT_SLEEP_ENV", "MANIFEST", "full_state_dict",
+           "rng_state", "set_rng_state", "torch_save", "saving", "quiet_progress", "file_mode", "apply_umask",
+           "describe_newest"]

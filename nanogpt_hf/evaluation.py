@@ -1,9 +1,9 @@
 """
 Evaluation: loss/perplexity on prepared token shards, and zero-shot benchmarks on raw text.
 
-    from nanogpt_hf.evaluation import load_model, evaluate_loss, sliding_window_perplexity, lambada_accuracy
-    model, tokenizer = load_model("out-shakespeare-char")            # or "gpt2", or a Hub id
-    evaluate_loss(model, TokenShards(data_dir, "val"), 8, 256, eval_iters=200)   # nanoGPT's estimate
+    from nanogpt_hf.evaluation import evaluate_loss, sliding_window_perplexity, lambada_accuracy
+    model, tokenizer = nanogpt_hf.loading.load_model("out-shakespeare-char")   # or "gpt2", or a Hub id
+    evaluate_loss(model, TokenShards(data_dir, "val"), 8, 256, eval_iters=200)   # nanoGPT's estimate (train's too)
     evaluate_loss(model, TokenShards(data_dir, "val"), 8, 256, full=True)        # every token once
     sliding_window_perplexity(model, tokenizer, text, stride=512)     # WikiText / PTB style
     lambada_accuracy(model, tokenizer, texts)                         # LAMBADA last-word accuracy
@@ -18,14 +18,18 @@ through lm-evaluation-harness (`pip install -e ".[eval]"`), on the model already
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
+from transformers import StaticCache
+from transformers.generation.configuration_utils import CompileConfig
 
-from .train_config import GPT2_MODELS
+from .guards import first_line
+from .modeling_nanogpt import CACHE_NAME
+from .tokenization import char_vocab
 
 # the field's standard zero-shot comparison of small GPTs (llm.c, nanoGPT forks): lm-evaluation-harness task names
 STANDARD_TASKS = ("hellaswag", "lambada_openai", "wikitext", "arc_easy", "piqa")
@@ -69,63 +73,8 @@ def autocast(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def _is_local(name):
-    return os.path.isdir(os.path.expanduser(name)) or name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
-def load_model(name, device="cpu", trust_remote_code=False):
-    """--model -> (model in eval mode on device, tokenizer).
-
-    name: a folder written by save_pretrained (train.py's out_dir), a Hub id, or one of OpenAI's GPT-2 sizes
-    ("gpt2" ... "gpt2-xl": converted to NanoGPTForCausalLM, as nanoGPT's init_from='gpt2*'). Models of our type
-    load with our own code (registered with the Auto classes); trust_remote_code is only needed for other
-    custom models.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import NanoGPTForCausalLM
-    from .tokenization import gpt2_tokenizer
-
-    from .hub import check_hub_name
-
-    name = str(name)
-    hub = {} if os.path.isdir(os.path.expanduser(name)) or _is_local(name) else check_hub_name(name, "--model")
-    if name in GPT2_MODELS:
-        from transformers import GPT2LMHeadModel
-
-        try:
-            model = NanoGPTForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(name, **hub))
-        except OSError as e:
-            raise ValueError(f"--model {name}: cannot download OpenAI's GPT-2 weights ({_first_line(e)}); "
-                             "this needs the network or a Hugging Face cache that holds them") from None
-        tokenizer = gpt2_tokenizer()
-    else:
-        if _is_local(name) and not os.path.isdir(os.path.expanduser(name)):
-            raise FileNotFoundError(f"--model {name}: no such folder (expected a save_pretrained/train.py out_dir)")
-        name = os.path.expanduser(name)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
-        except (OSError, ValueError) as e:
-            where = "folder" if os.path.isdir(name) else "local folder or reachable Hub id"
-            hint = " (pass --trust_remote_code if you trust its code)" if "trust_remote_code" in str(e) else ""
-            raise ValueError(f"--model {name}: not loadable as a {where}: {_first_line(e)}{hint}") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--model {name}: no usable tokenizer saved with the model ({_first_line(e)}); "
-                             "save one next to it with tokenizer.save_pretrained") from None
-    return model.to(device).eval(), tokenizer
-
-
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def unknown_chars(tokenizer, text):
     """Characters of text that a character-level tokenizer has no id for (sorted); [] for other tokenizers."""
-    from .tokenization import char_vocab
-
     try:
         vocab = char_vocab(tokenizer)
     except ValueError:  # BPE & co. cover any text
@@ -154,11 +103,6 @@ def static_decoding(model, max_len, compile=True):
     """generate() kwargs for a static KV cache of max_len slots, reused by every generate_cropped call (so a
     compiled decoding step is compiled once: same shapes, same buffers), and for compiling that step, which
     transformers does by itself only on GPUs (there with CUDA graphs: mode "reduce-overhead")."""
-    from transformers import StaticCache
-    from transformers.generation.configuration_utils import CompileConfig
-
-    from .modeling_nanogpt import CACHE_NAME
-
     cache = StaticCache(config=model.config, max_cache_len=max_len)  # allocated at the first call's batch size
     if not compile:
         return {CACHE_NAME: cache, "disable_compile": True}
@@ -174,8 +118,6 @@ def generate_cropped(model, idx, max_new_tokens, limit, streamer=None, **gen_kwa
     block_size tokens before every new token (recomputing everything, no cache). Here, once the text fills the
     block, the context is cropped to its last limit // 2 tokens and the next limit // 2 tokens are generated with
     the KV cache: every token still sees at least limit // 2 tokens, at a fraction of the cost."""
-    from .modeling_nanogpt import CACHE_NAME
-
     out, remaining = idx, max_new_tokens
     cache = gen_kwargs.get(CACHE_NAME)  # a static cache from static_decoding(): emptied for each generate()
     while remaining > 0:
@@ -183,9 +125,8 @@ def generate_cropped(model, idx, max_new_tokens, limit, streamer=None, **gen_kwa
             cache.reset()
         context = out if limit is None or out.size(1) < limit else out[:, -(limit // 2):]
         n = remaining if limit is None else min(remaining, limit - context.size(1))
-        # max_length rather than max_new_tokens: the same thing here, and no clash with the max_length that a
-        # learned-position model's generation_config carries
-        new = model.generate(context, max_length=context.size(1) + n, streamer=streamer, **gen_kwargs)
+        # max_new_tokens, as out_dir's generation_config has it (max_length too would make generate() warn)
+        new = model.generate(context, max_new_tokens=n, streamer=streamer, **gen_kwargs)
         new = new[:, context.size(1):]
         out, remaining = torch.cat([out, new], dim=1), remaining - n
         if new.size(1) < n:  # stopped at EOS
@@ -205,10 +146,9 @@ def _rank_world(accelerator):
 
 def _reduce_sums(accelerator, values, device):
     """[float, ...] summed over all processes (float64: token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if accelerator is not None and accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
-    return t.tolist()
+    if accelerator is None or accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduction="sum").tolist()
 
 
 def _show_progress(accelerator, progress):
@@ -220,7 +160,7 @@ def _perplexity(nll_sum, count):
     if count <= 0:
         raise ValueError("perplexity needs a positive number of tokens (or words)")
     loss = nll_sum / count
-    return {"perplexity": math.exp(loss), "loss": loss}
+    return {"perplexity": math.exp(loss) if loss < 700 or math.isnan(loss) else math.inf, "loss": loss}  # no overflow
 
 
 # -----------------------------------------------------------------------------
@@ -229,38 +169,47 @@ def _perplexity(nll_sum, count):
 
 @torch.no_grad()
 def evaluate_loss(model, shards, batch_size, block_size, eval_iters=None, full=False, accelerator=None, seed=0,
-                  dtype=None, progress=True):
-    """Mean cross-entropy over a split of a TokenShards, two ways:
+                  dtype=None, progress=True, micro_step=0, stop=None):
+    """Mean cross-entropy over a split of a TokenShards, two ways; the one loss estimate of train.py and eval.py.
 
-    eval_iters=N: nanoGPT's estimate_loss: N random batches (get_batch with steps 0..N-1 and this seed, so the
-        same windows every time); full=True: every token of the split exactly once (non-overlapping windows of
-        block_size, the last partial window dropped; the loss of every window starts from an empty context).
+    eval_iters=N: nanoGPT's estimate_loss: N random batches (get_batch with steps 0..N-1, this seed and this
+        micro_step stream, so the same windows every time); full=True: every token of the split exactly once
+        (non-overlapping windows of block_size, the last partial window dropped; the loss of every window starts
+        from an empty context).
+    model: a plain model, or one that accelerator.prepare wrapped (the trainer's); dtype: autocast to it (None: as
+        the model runs, e.g. under the accelerator's mixed precision). stop: a guards.StopSignals, checked before
+        every batch (agreed across ranks): None is returned when a stop signal reached any rank meanwhile.
     Returns dict(loss, ppl, tokens): loss = total NLL / total tokens over all processes.
     """
     if not full and not (isinstance(eval_iters, int) and eval_iters > 0):
         raise ValueError(f"pass eval_iters (a positive number of batches) or full=True, got eval_iters={eval_iters!r}")
-    shards.check_vocab(model.config.vocab_size)
-    if block_size > max_context(model) and getattr(model.config, "position_embedding", "learned") == "learned":
-        raise ValueError(f"--block_size {block_size} exceeds the model's context of {max_context(model)} tokens")
+    plain = accelerator.unwrap_model(model) if accelerator is not None else model  # DDP hides .config and .device
+    shards.check_vocab(plain.config.vocab_size)
+    if block_size > max_context(plain) and getattr(plain.config, "position_embedding", "learned") == "learned":
+        raise ValueError(f"--block_size {block_size} exceeds the model's context of {max_context(plain)} tokens")
     rank, world = _rank_world(accelerator)
-    device = model.device
+    device = plain.device
     if full:
         batches = shards.iter_sequential(batch_size, block_size, rank=rank, world_size=world, device=device)
         total = math.ceil(len(range(rank, shards.num_windows(block_size), world)) / batch_size)
     else:
         batches = (shards.get_batch(batch_size, block_size, step=k, seed=seed, rank=rank, world_size=world,
-                                    device=device) for k in range(eval_iters))
+                                    micro_step=micro_step, device=device) for k in range(eval_iters))
         total = eval_iters
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    sums, count = [], 0  # each batch's summed NLL stays on the device: no sync per batch
     show = _show_progress(accelerator, progress)
     for x, y in tqdm(batches, total=total, desc=f"eval {shards.split}", disable=not show):
+        if stop is not None and stop.agreed(accelerator):
+            model.train(was_training)
+            return None
         with autocast(device, dtype):
             logits = model(x).logits  # (B, T, V)
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        sums.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
         count += y.numel()
     model.train(was_training)
+    nll = torch.stack(sums).cpu().double().sum().item() if sums else 0.0  # added up in float64, as .item()s would be
     nll, count = _reduce_sums(accelerator, [nll, count], device)
     if count == 0:
         raise ValueError(f"the {shards.split} split has fewer than {block_size + 1} tokens: nothing to evaluate")
@@ -376,8 +325,6 @@ def lambada_accuracy(model, tokenizer, texts, batch_size=16, accelerator=None, d
             references.append(target.tolist())
     nll, n_target = _reduce_sums(accelerator, [nll, n_target], device)
     if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
         predictions, references = gather_object(predictions), gather_object(references)
     if not references:
         raise ValueError("lambada: no examples")
@@ -415,7 +362,7 @@ def load_benchmark(name, file=None):
                 raise ValueError(f"--{name}_file {file}: expected one JSON object with a 'text' field per line "
                                  f"({type(e).__name__})") from None
         return lines
-    from .data import load_hub_dataset
+    from .sources import load_hub_dataset  # here: datasets costs ~1 s to import, which training never needs
 
     hub_id, config, split, column = BENCHMARKS[name]["hub"]
     try:
@@ -466,7 +413,7 @@ def lm_eval_benchmarks(model, tokenizer, tasks, tasks_dir=None, batch_size=8, li
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000)
     except OSError as e:  # its tasks' data come from the Hub
-        raise ValueError(f"lm-evaluation-harness: {_first_line(e)}; its tasks download their data from the Hub "
+        raise ValueError(f"lm-evaluation-harness: {first_line(e)}; its tasks download their data from the Hub "
                          "once (then it is cached): run with network, or give local tasks with --tasks_dir") from None
     results = {}
     for task in tasks:

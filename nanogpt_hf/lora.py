@@ -20,6 +20,8 @@ LoraConfig(r=8))` needs no target_modules. (This module imports PEFT only when L
 import os
 import re
 
+from safetensors.torch import load_file
+
 DEFAULT_TARGET_MODULES = ("c_attn", "c_proj", "c_fc")  # attention qkv + output, MLP in + out (PEFT: suffixes)
 ADAPTER_DIR = "adapter"
 
@@ -59,15 +61,14 @@ def check_config(cfg):
         raise ValueError(f"--lora_target_modules: {bad} are not module names (comma-separated, e.g. c_attn,c_fc)")
 
 
-def base_source(cfg, state):
-    """What the adapters sit on: --init_from of the run that started them (kept in every checkpoint)."""
-    if state is not None:
-        return state["lora_base"]
+def base_source(cfg):
+    """What the adapters sit on: --init_from, a local path made absolute (the trainer keeps it in every checkpoint,
+    and a resumed run takes it from there)."""
     return os.path.abspath(os.path.expanduser(cfg.init_from)) if os.path.exists(os.path.expanduser(cfg.init_from)) \
         else cfg.init_from
 
 
-def apply_lora(model, cfg, base, resume_dir=None, verbose=True):
+def apply_lora(model, cfg, base, resume_dir=None, log=print):
     """model -> PeftModel with fresh adapters (only they train), or the adapters of the checkpoint resume_dir."""
     peft = _peft()
     register_with_peft()
@@ -79,15 +80,12 @@ def apply_lora(model, cfg, base, resume_dir=None, verbose=True):
         raise ValueError(f"--lora_target_modules {cfg.lora_target_modules}: {str(e).splitlines()[0]}") from None
     model.peft_config["default"].base_model_name_or_path = base  # PEFT takes the model's name_or_path (None here)
     if resume_dir is not None:
-        from safetensors.torch import load_file
-
         result = peft.set_peft_model_state_dict(model, load_file(resume_dir / "adapter_model.safetensors"))
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{resume_dir}: adapter weights don't fit (unexpected {result.unexpected_keys})")
-    if verbose:
-        trainable, total = model.get_nb_trainable_parameters()
-        print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {', '.join(target_modules(cfg))}: {trainable:,} "
-              f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {', '.join(target_modules(cfg))}: {trainable:,} "
+        f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model
 
 
@@ -124,5 +122,5 @@ def save_model_files(model, state_dict, folder):
     model.save_pretrained(folder / ADAPTER_DIR, state_dict=state_dict)  # PEFT keeps the adapter keys only
 
 
-__all__ = ["apply_lora", "merged_state_dict", "save_model_files", "register_with_peft", "is_lora",
+__all__ = ["apply_lora", "base_source", "merged_state_dict", "save_model_files", "register_with_peft", "is_lora",
            "DEFAULT_TARGET_MODULES", "ADAPTER_DIR"]

@@ -83,7 +83,7 @@ class _SigmoidTanhGELU(torch.autograd.Function):
     """GPT-2's tanh GELU computed as x * sigmoid(2z), z = K (x + A x^3): the same function, since
     0.5 (1 + tanh(z)) == sigmoid(2z). Why: torch's CPU tanh kernel is slow. At the baby shape (12x64x512) on a
     2-core EPYC this takes 0.76 ms forward+backward, against 1.6 ms for F.gelu(approximate="tanh") and 0.6 ms
-    for the exact GELU (medians; the README has the history)."""
+    for the exact GELU (medians; docs/performance.md has the history)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -561,8 +561,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             raise ValueError(f"{path}: not a nanoGPT checkpoint (expected keys 'model_args' and 'model')")
         args = {k: ckpt["model_args"][k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")}
         # nanoGPT's MLP uses the exact GELU; keep it so logits match nanoGPT's own model
-        config = NanoGPTConfig(**args, dropout=float(ckpt["model_args"].get("dropout", 0.0)),
-                               activation_function="gelu", **config_overrides)
+        config = NanoGPTConfig(**{**args, "dropout": float(ckpt["model_args"].get("dropout", 0.0)),
+                                  "activation_function": "gelu", **config_overrides})  # overrides win (dropout)
         model = cls(config)
         # `_orig_mod.` is what saving a torch.compile'd module adds to every key
         sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}

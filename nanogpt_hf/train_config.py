@@ -24,9 +24,11 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from .configuration_nanogpt import POSITION_EMBEDDINGS
+from .lora import check_config as check_lora_config
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -157,9 +159,7 @@ class TrainConfig:
         if self.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", self.hub_model_id):
             raise ValueError(f"--hub_model_id must look like 'user/name', got {self.hub_model_id!r}")
         check_init_from(self.init_from)
-        from .lora import check_config
-
-        check_config(self)
+        check_lora_config(self)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -176,7 +176,7 @@ def cpu_bf16_matmul() -> str | None:
 
 
 # bf16 autocast on a CPU pays only with native bf16 matrix units and matmuls big enough to keep them busy:
-# measured train steps, bf16 vs float32 (README "bf16 on CPU"): at the shakespeare_char shape (384 wide, 64 x 256
+# measured train steps, bf16 vs float32 (docs/fast-paths.md): at the shakespeare_char shape (384 wide, 64 x 256
 # tokens) 4.2x on an AMX Xeon, 2.06x on an AMD EPYC with avx512_bf16; at the baby shape (128 wide, 12 x 64 tokens)
 # 0.92x and 0.97x
 BF16_CPU_MIN_WIDTH, BF16_CPU_MIN_TOKENS = 256, 4096
@@ -189,8 +189,6 @@ def resolve_mixed_precision(cfg, cuda=None, cpu_bf16="detect"):
     cuda / cpu_bf16 (a cpu_bf16_matmul() answer): the machine's capabilities (default: this one's)."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    import torch
-
     if cuda is None:
         cuda = torch.cuda.is_available() and not cfg.cpu
     if cuda:
@@ -200,14 +198,30 @@ def resolve_mixed_precision(cfg, cuda=None, cpu_bf16="detect"):
     return "bf16" if units in BF16_CPU_UNITS and big else "no"
 
 
+def looks_like_path(name):
+    """Whether a model name can only be a local path (a Hub id is owner/name): it starts with / . or ~, names a
+    nanoGPT ckpt.pt, or has more than one /."""
+    return name.startswith(("/", ".", "~")) or name.endswith(".pt") or name.count("/") > 1
+
+
+def near_folder(name):
+    """'; did you mean X?' for the folder next to name whose name is closest to it (a typo), else ''."""
+    path = Path(os.path.expanduser(name))
+    parent = path.parent if path.parent.is_dir() else None
+    near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=1) if parent \
+        else []
+    return f"; did you mean {path.parent / near[0] if str(path.parent) != '.' else near[0]}?" if near else ""
+
+
 def check_init_from(value):
     if value in ("scratch", "resume") or value in GPT2_MODELS or os.path.exists(os.path.expanduser(value)):
         return
-    if value.startswith(("/", ".", "~")) or value.endswith(".pt") or value.count("/") > 1:
-        raise ValueError(f"--init_from: {value} not found (expected a model dir or a nanoGPT ckpt.pt)")
+    if looks_like_path(value):
+        raise ValueError(f"--init_from: {value} not found (no such folder or nanoGPT ckpt.pt{near_folder(value)})")
     if not HUB_ID.fullmatch(value):  # anything else must be a Hub id; whether it exists shows when it loads
         raise ValueError(f"--init_from must be 'scratch', 'resume', one of {', '.join(GPT2_MODELS)}, a model dir, "
-                         f"a Hub id (user/name) or a nanoGPT ckpt.pt; got {value!r}")
+                         f"a Hub id (user/name) or a nanoGPT ckpt.pt; got {value!r} (no such folder"
+                         f"{near_folder(value)})")
 
 
 # -----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def main(argv=None):
                                                    if c.is_file()), None)
     data = work / "data"
     if dry:
-        from nanogpt_hf.data import prepare_dataset
+        from nanogpt_hf.prepare import prepare_dataset
         sample = work / "input.txt"
         sample.write_text((Path(__file__).read_text() + "\n") * 20)
         t = time.time()

@@ -76,7 +76,7 @@ def tiny_text(tmp_path):
 
 @pytest.fixture(scope="session")
 def char_data_dir(tmp_path_factory):
-    from nanogpt_hf.data import prepare_dataset
+    from nanogpt_hf.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("char_data")
     (root / "input.txt").write_text(make_text(40_000, seed=1), encoding="utf-8")

@@ -1,6 +1,7 @@
 """examples/bench.py: a smoke run at tiny shapes (the numbers mean nothing here; the format and plumbing do).
-The real measurements are in the README's Performance table, with the commands that produced them."""
+The real measurements are in docs/performance.md, with the commands that produced them."""
 
+import ast
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from nanogpt_hf.benchmark import Shape, bench_train, time_alternating
+from benchmarks.common import Shape, time_alternating
+from benchmarks.train_step import bench_train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +37,8 @@ def test_bench_smoke_prints_every_comparison(char_data_dir, tmp_path):
     assert "ratio" in train and "(target >= 1.30x)" in train
     assert "ratio" in line("fwd+bwd")
     assert "always has biases" in proc.stdout  # the fairness note
+    # the default is the README's headline row: both models with GPT-2's own tanh GELU
+    assert "activation nanogpt_hf gelu_new, GPT2LMHeadModel gelu_new" in proc.stdout
     for b in (1, 2):
         assert "cache speedup" in line(f"generate b={b} ") and "(target >= 4x)" in line(f"generate b={b} ")
         assert any(x.startswith(f"generate b={b}") and "ratio" in x and "target >= 1.0x" in x for x in lines)
@@ -71,3 +75,21 @@ def test_bench_train_in_process_returns_medians():
     assert r["params"]["GPT2LMHeadModel"] > r["params"]["nanogpt_hf"]  # GPT-2's biases
     assert r["models"]["nanogpt_hf"]["mfu"] is None  # CPU: peak unknown -> "n/a"
     assert all(v["page_faults"] >= 0 for v in r["models"].values())
+
+
+def test_the_library_never_reaches_into_benchmarks_examples_or_tests():
+    """The dependency runs one way: benchmarks/, examples/ and tests/ use nanogpt_hf, never the reverse (not by
+    import, and not by loading a file by path, as nanogpt_hf/benchmark.py once loaded tests/reference_nanogpt.py)."""
+    outside = {"benchmarks", "examples", "tests"}
+    found = []
+    for path in sorted((ROOT / "nanogpt_hf").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+                names = [str(node.right.value)]  # a path segment: Path(__file__).parent.parent / "tests"
+            found += [f"{path.name}:{node.lineno} {name}" for name in names if name.split(".")[0] in outside]
+    assert not found, found

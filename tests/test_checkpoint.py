@@ -23,10 +23,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
 
 from nanogpt_hf import checkpoint as ckpt
-from nanogpt_hf.trainer import train
+from nanogpt_hf import guards
+from nanogpt_hf.trainer import RunState, train
 from test_trainer import read_dump, tiny_args, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -144,6 +147,44 @@ def test_all_checkpoints_damaged_is_one_line(two_checkpoints, char_data_dir, tmp
     assert capsys.readouterr().out.count("warning: checkpoint") == 2
 
 
+# trainer_state.json as the trainer has written it since its first version (keys added later: the last three)
+STATE_KEYS = ["iter", "best_val_loss", "history", "tokens_seen", "train_time_s", "wall_time_s", "config",
+              "data_vocab_size", "world_size", "results", "skipped_updates", "tokenizer_hash", "lora_base"]
+OLDEST_KEYS = STATE_KEYS[:10]
+
+
+def test_old_checkpoint_format_resumes_into_run_state(two_checkpoints, char_data_dir, tmp_path):
+    """A checkpoint as the first trainer versions wrote it (no manifest; trainer_state.json without
+    skipped_updates, tokenizer_hash, lora_base; a config without the keys added since) resumes with RunState and
+    ends where the straight run ended; the new code writes the same keys, in the same order."""
+    assert list(json.loads((two_checkpoints / "checkpoints/step_000008/trainer_state.json").read_text())) \
+        == STATE_KEYS
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    shutil.rmtree(out / "checkpoints/step_000008")
+    old = out / "checkpoints/step_000004"
+    state = json.loads((old / "trainer_state.json").read_text())
+    state = {k: state[k] for k in OLDEST_KEYS}
+    for key in ("optimizer", "muon_learning_rate", "lora_r", "lora_alpha", "lora_target_modules",
+                "position_embedding", "activation_function", "vocab_multiple", "nan_policy"):
+        del state["config"][key]  # (their defaults, as the run had them)
+    (old / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    (old / ckpt.MANIFEST).unlink()
+
+    run = RunState.from_dict(state)
+    assert (run.iter, run.skipped_updates, run.tokenizer_hash, run.lora_base) == (4, 0, None, None)
+    assert run.history == state["history"] and list(run.to_dict()) == STATE_KEYS
+    results = train(tiny_cfg(char_data_dir, out, init_from="resume", always_save_checkpoint=False))
+    assert results["final_iter"] == 8
+    resumed = json.loads((out / "checkpoints/step_000008/trainer_state.json").read_text())
+    straight = json.loads((two_checkpoints / "checkpoints/step_000008/trainer_state.json").read_text())
+    assert list(resumed) == STATE_KEYS and resumed["tokenizer_hash"] == straight["tokenizer_hash"]
+    assert [h["iter"] for h in resumed["history"]] == [0, 4, 8]
+    assert resumed["history"][:2] == straight["history"][:2] and resumed["tokens_seen"] == straight["tokens_seen"]
+    a, b = (load_file(d / "checkpoints/step_000008/model.safetensors") for d in (out, two_checkpoints))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in b)
+
+
 # -----------------------------------------------------------------------------
 # stop signals: checkpoint, one line, exit code, bit-exact resume
 
@@ -238,10 +279,10 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(char_data_dir, tmp_path):
 
 def test_checkpoint_minutes(char_data_dir, tmp_path):
     out = tmp_path / "out"
-    handlers = {s: signal.getsignal(s) for s in ckpt.STOP_SIGNALS}
+    handlers = {s: signal.getsignal(s) for s in guards.STOP_SIGNALS}
     train(tiny_cfg(char_data_dir, out, max_iters=6, eval_interval=100, checkpoint_minutes=1e-6, keep_checkpoints=3))
     assert [p.name for p in ckpt.checkpoints(out / "checkpoints")] == ["step_000006", "step_000005", "step_000004"]
-    assert {s: signal.getsignal(s) for s in ckpt.STOP_SIGNALS} == handlers  # train() put the handlers back
+    assert {s: signal.getsignal(s) for s in guards.STOP_SIGNALS} == handlers  # train() put the handlers back
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +376,7 @@ def test_read_only_out_dir_is_refused_at_start(char_data_dir, tmpfs):
 @pytest.fixture(scope="module")
 def other_chars_data_dir(char_data_dir, tmp_path_factory):
     """The same text with one character replaced by another: the same vocab size, other tokens."""
-    from nanogpt_hf.data import prepare_dataset
+    from nanogpt_hf.prepare import prepare_dataset
 
     from conftest import make_text
 
@@ -379,8 +420,8 @@ def test_slurm_example_is_valid_bash_and_matches_the_trainer():
         check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert check.returncode == 0, f"{script.name}: {check.stderr}"
     launch = (folder / "launch.sh").read_text()
-    assert int(re.search(r"EXIT_SIGUSR1=(\d+)", launch)[1]) == ckpt.EXIT_CODES[signal.SIGUSR1]
-    assert int(re.search(r"EXIT_SIGTERM=(\d+)", launch)[1]) == ckpt.EXIT_CODES[signal.SIGTERM]
+    assert int(re.search(r"EXIT_SIGUSR1=(\d+)", launch)[1]) == guards.EXIT_CODES[signal.SIGUSR1]
+    assert int(re.search(r"EXIT_SIGTERM=(\d+)", launch)[1]) == guards.EXIT_CODES[signal.SIGTERM]
     assert f"checkpoints/step_*/{ckpt.MANIFEST}" in launch and "--init_from resume" in launch.replace(
         '--init_from "$INIT_FROM"', "--init_from resume")
     assert (ROOT / re.search(r"CONFIG=\$\{CONFIG:-(\S+)\}", launch)[1]).is_file()
@@ -411,7 +452,7 @@ def _agree_with_a_late_signal(rank, init_file, results):
             os.kill(os.getpid(), signal.SIGTERM)  # handled before agreed() goes on
             return out
         dist.all_reduce = all_reduce_then_signal
-    with ckpt.StopSignals() as stop:
+    with guards.StopSignals() as stop:
         answers = [stop.agreed(accelerator)]
         dist.all_reduce = real_all_reduce
         answers.append(stop.agreed(accelerator))  # the late signal counts here, on both ranks

@@ -11,15 +11,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from nanogpt_hf.data import (
-    TokenShards,
-    benchmark_get_batch,
-    chunk_text,
-    prepare_dataset,
-    read_meta,
-    stdlib_files,
-)
-from nanogpt_hf.tokenization import load_tokenizer
+from benchmarks.data_loader import benchmark_get_batch
+from nanogpt_hf.data import TokenShards, load_tokenizer, read_meta
+from nanogpt_hf.prepare import prepare_dataset
+from nanogpt_hf.sources import chunk_text, stdlib_files
 
 
 def stream(data_dir, split):

@@ -19,7 +19,9 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import make_text
 
-from nanogpt_hf.data import SLEEP_ENV, TokenShards, chunk_stream, chunk_text, prepare_dataset, read_meta
+from nanogpt_hf.data import TokenShards, read_meta
+from nanogpt_hf.prepare import SLEEP_ENV, prepare_dataset
+from nanogpt_hf.sources import chunk_stream, chunk_text
 from nanogpt_hf.train_config import TrainConfig
 from nanogpt_hf.trainer import train
 
@@ -84,7 +86,7 @@ def train_tiny(data_dir, out_dir, capsys=None):
 def test_sigkill_mid_prepare_resumes_to_the_same_bytes(tmp_path, tiny_text, capsys, monkeypatch):
     """A real prepare process, killed with SIGKILL between two shards, leaves nothing that is accepted; the
     same command again continues after the last complete shard and gives the bytes of an uninterrupted run."""
-    import nanogpt_hf.data as data
+    import nanogpt_hf.prepare as data
 
     prepare_dataset("x", data_dir=tmp_path / "ref", inputs=[str(tiny_text)], tokenizer="char", shard_size=400)
     d = tmp_path / "d"
@@ -135,7 +137,7 @@ def test_sigkill_just_before_the_swap_keeps_the_old_dataset(tmp_path, tiny_text)
 
 RSS_CHILD = """
 import sys
-from nanogpt_hf.data import prepare_dataset
+from nanogpt_hf.prepare import prepare_dataset
 
 def peak_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
@@ -388,19 +390,21 @@ def test_fineweb_config_is_the_llmc_schedule():
 
 
 def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken_cache):
-    from nanogpt_hf.benchmark import bench_prepare, format_prepare
+    from benchmarks.prepare import bench_prepare, format_prepare
 
     text = tmp_path / "t.txt"
     text.write_text(make_text(30_000, seed=5), encoding="utf-8")
     r = bench_prepare(text, tmp_path, num_proc=2, repeats=1)
     lines = format_prepare(r).splitlines()
-    assert len(lines) == 2 and all("ratio" in x and "(target >= 0.9x)" in x and "bare" in x for x in lines)
+    assert len(lines) == 4 and all("ratio" in x and "re-run" in x for x in lines)
+    assert all("(target >= 0.9x)" in x and "bare" in x and "load" in x for x in lines[::2])
     assert r["tokenizers"]["gpt2"]["tokens"] == r["tokenizers"]["hf"]["tokens"] > 0  # the same BPE both ways
+    assert all(v["bare"] > 0 and v["prepare"] > 0 and v["rerun"] > 0 for v in r["tokenizers"].values())
 
 
 def test_a_streamed_prepare_resumes_to_the_same_bytes(tmp_path, tiktoken_cache, monkeypatch):
     """Interrupted in train (after val, whose document count tells train where to start), then run again."""
-    import nanogpt_hf.data as data
+    import nanogpt_hf.prepare as data
 
     fineweb_standin(tmp_path / "hub", [make_text(300 + 41 * i, seed=i) for i in range(30)])
     args = dict(hf_dataset=str(tmp_path / "hub"), val_tokens=800, shard_size=1500)

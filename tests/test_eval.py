@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
-from nanogpt_hf.data import TokenShards
+from nanogpt_hf.data import TokenShards, load_tokenizer
 from nanogpt_hf.evaluation import _perplexity, evaluate_loss, lambada_accuracy, \
     sliding_window_perplexity, sliding_windows
-from nanogpt_hf.tokenization import build_char_tokenizer, load_tokenizer
+from nanogpt_hf.tokenization import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 32
@@ -285,6 +286,32 @@ def test_eval_script_bad_input(char_model_dir, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--device", "cpu"])
         assert str(e.value).startswith("error: ") and message in str(e.value)
+
+
+def test_eval_results_go_into_the_model_folder_and_a_typo_is_no_such_folder(char_data_dir, char_model_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Without --out the results go to <model>/eval_results.json (runs on other splits add to it), not into the
+    current directory; with --no_model_card into the current directory; a mistyped folder is "no such folder"
+    at once (not a trip to the Hub), naming the folder it is close to."""
+    main = load_script("eval").main
+    model = tmp_path / "out-shakespeare-char"
+    shutil.copytree(char_model_dir, model)
+    monkeypatch.chdir(tmp_path)
+    common = ["--data_dir", str(char_data_dir), "--eval_iters", "2", "--batch_size", "2", "--device", "cpu"]
+    main(["--model", str(model), *common])
+    main(["--model", str(model), *common, "--split", "train"])
+    assert f"results written to {model / 'eval_results.json'}" in capsys.readouterr().out
+    saved = json.loads((model / "eval_results.json").read_text())
+    assert set(saved["data"]) == {"val", "train"} and not (tmp_path / "eval_results.json").exists()
+    main(["--model", str(model), *common, "--no_model_card"])
+    assert "results written to eval_results.json (the current directory)" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "eval_results.json").read_text())["data"]) == {"val"}
+    for script, flag in (("eval", "--data_dir"), ("sample", "--num_samples")):
+        with pytest.raises(SystemExit) as e:
+            load_script(script).main(["--model", "out-shakspeare", flag, str(char_data_dir) if script == "eval"
+                                      else "1", "--device", "cpu"])
+        assert str(e.value).startswith("error: --model out-shakspeare: no such folder") and "\n" not in str(e.value)
+        assert "did you mean out-shakespeare-char?" in str(e.value)
 
 
 def test_eval_configs_reproduce_nanogpt_baselines():

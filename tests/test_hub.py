@@ -1,6 +1,6 @@
-"""Publishing on the Hub (nanogpt_hf.hub, examples/push.py) against tests/hub_server.py: a real HTTP server on
-127.0.0.1 that speaks the Hub protocol; huggingface_hub and transformers are not mocked. The published model is
-loaded in a fresh interpreter where nanogpt_hf cannot be imported, as a user with only transformers would."""
+"""Publishing on the Hub (nanogpt_hf.hub and .card, examples/push.py) against tests/hub_server.py: a real HTTP
+server on 127.0.0.1 that speaks the Hub protocol; huggingface_hub and transformers are not mocked. The published
+model is loaded in a fresh interpreter where nanogpt_hf cannot be imported, as a user with only transformers would."""
 
 import hashlib
 import json
@@ -23,10 +23,8 @@ from huggingface_hub import ModelCard
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.data import TokenShards
-from nanogpt_hf.hub import (
-    CARD_MARKER, BackgroundPusher, HubError, model_card_text, push_data_dir, push_dir, resolve_data_dir,
-    write_model_card,
-)
+from nanogpt_hf.card import CARD_MARKER, model_card_text, write_model_card
+from nanogpt_hf.hub import BackgroundPusher, HubError, push_data_dir, push_dir, resolve_data_dir
 from nanogpt_hf.tokenization import build_char_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))

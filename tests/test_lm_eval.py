@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
-from nanogpt_hf.tokenization import build_char_tokenizer, load_tokenizer
+from nanogpt_hf.data import load_tokenizer
+from nanogpt_hf.tokenization import build_char_tokenizer
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +122,7 @@ def test_char_model_all_three_request_kinds_match_our_numbers(char_model, tasks_
 def test_eval_script_benchmarks_bpe_model_table_json_and_model_card(tiktoken_cache, tasks_dir, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    from nanogpt_hf.hub import write_model_card
+    from nanogpt_hf.card import write_model_card
     from nanogpt_hf.tokenization import gpt2_tokenizer
 
     tok = gpt2_tokenizer()

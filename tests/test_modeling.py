@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from benchmarks.reference_nanogpt import GPT, GPTConfig
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, NanoGPTModel
 from nanogpt_hf.modeling_nanogpt import TanhGELU, _SigmoidTanhGELU, peak_flops, peak_flops_for_name
-
-sys.path.insert(0, os.path.dirname(__file__))
-from reference_nanogpt import GPT, GPTConfig  # noqa: E402
 
 POSITIONS = ["learned", "alibi", "rope"]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_hf.data import SLEEP_ENV, TokenShards, prepare_dataset, read_meta
+from nanogpt_hf.data import TokenShards, read_meta
+from nanogpt_hf.prepare import SLEEP_ENV, prepare_dataset
 
 PREPARE = Path(__file__).resolve().parent.parent / "examples" / "prepare.py"
 
@@ -109,7 +110,7 @@ def test_refuses_a_data_dir_prepared_with_another_tokenizer(tmp_path, tiny_text,
 def test_interrupted_rerun_keeps_the_old_dataset(tmp_path, tiny_text, monkeypatch):
     """Between two shards of a re-run, data_dir still holds the complete old dataset, and after the
     interruption too."""
-    import nanogpt_hf.data as data
+    import nanogpt_hf.prepare as data
 
     d = tmp_path / "d"
     prepare_dataset("x", data_dir=d, inputs=[str(tiny_text)], tokenizer="char")

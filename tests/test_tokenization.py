@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
-from nanogpt_hf.tokenization import build_char_tokenizer, gpt2_tokenizer, load_pretrained_tokenizer, load_tokenizer
+from nanogpt_hf.data import load_tokenizer
+from nanogpt_hf.tokenization import build_char_tokenizer, gpt2_tokenizer, load_pretrained_tokenizer
 
 
 def test_char_tokenizer_is_nanogpt_stoi_and_round_trips(tiny_text):

@@ -247,6 +247,76 @@ def test_init_from_model_dir_gpt2_dir_and_crop(char_data_dir, tmp_path):
         build_model(tiny_cfg(char_data_dir, tmp_path, init_from=str(tmp_path / "small_vocab")), data)
 
 
+def test_train_step_called_alone_makes_the_loops_updates(char_data_dir, tmp_path):
+    """What a benchmark does: its own Accelerator, model (build_model) and optimizer, then train_step over
+    micro_batches, gives bit for bit the weights train() has after each iteration (2 accumulation steps)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from nanogpt_hf.data import TokenShards
+    from nanogpt_hf.optim import build_optimizer, lr_scales, set_lr
+    from nanogpt_hf.trainer import digest, get_lr, micro_batches, train_step
+
+    cfg = tiny_cfg(char_data_dir, tmp_path / "out", max_iters=3, gradient_accumulation_steps=2,
+                   debug_dump_dir=str(tmp_path / "dump"))
+    train(cfg)
+    dumped = read_dump(tmp_path / "dump" / "rank0.jsonl")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    accelerator = Accelerator(cpu=True, mixed_precision="no", gradient_accumulation_steps=2)
+    set_seed(cfg.seed, device_specific=True)  # as train() does: the same initial weights
+    data = TokenShards(char_data_dir, "train")
+    model = build_model(cfg, data, log=lambda *a: None)
+    optimizer = build_optimizer(model, cfg, "cpu", verbose=False)
+    scales = lr_scales(optimizer, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    for it in range(3):
+        set_lr(optimizer, get_lr(it, cfg), scales)
+        step = train_step(model, optimizer, accelerator, micro_batches(data, cfg, it, accelerator), cfg.grad_clip)
+        assert step.updated and not step.stopping and step.norm is not None
+        assert (step.loss.item(), digest(model.parameters())) == (dumped[it]["loss"], dumped[it]["weights"])
+
+
+def test_out_dir_generation_config_sets_no_max_length(char_data_dir, tmp_path, caplog):
+    """generation_config.json: nanoGPT's sampling settings and max_new_tokens, no max_length (with it, every
+    generate(max_new_tokens=...) warned that both were set)."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from nanogpt_hf.data import TokenShards
+
+    build_model(tiny_cfg(char_data_dir, tmp_path), TokenShards(char_data_dir, "train")).save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m/generation_config.json").read_text())
+    assert "max_length" not in saved and saved["max_new_tokens"] == 500
+    assert (saved["do_sample"], saved["temperature"], saved["top_k"]) == (True, 0.8, 200)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    try:
+        out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert out.shape == (1, 8) and not [r for r in caplog.records if "max_length" in r.getMessage()]
+
+
+def test_init_from_a_nanogpt_ckpt_pt_takes_the_runs_dropout(char_data_dir, tmp_path):
+    """--init_from ckpt.pt (the original nanoGPT's checkpoint) with the run's dropout: it was a TypeError (dropout
+    given twice), a traceback instead of a model."""
+    from nanogpt_hf import NanoGPTConfig
+    from nanogpt_hf.data import TokenShards
+
+    torch.manual_seed(0)
+    nano = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=True))
+    args = dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=True, dropout=0.0)
+    torch.save({"model_args": args, "model": {k: v for k, v in nano.state_dict().items() if k != "lm_head.weight"}},
+               tmp_path / "ckpt.pt")
+    model = build_model(tiny_cfg(char_data_dir, tmp_path, init_from=str(tmp_path / "ckpt.pt"), dropout=0.1),
+                        TokenShards(char_data_dir, "train"))
+    assert model.config.dropout == 0.1 and torch.equal(model.transformer.wte.weight, nano.transformer.wte.weight)
+
+
 def test_report_to_a_missing_tracker_is_a_clear_error(char_data_dir, tmp_path):
     import importlib.util
 

@@ -13,7 +13,7 @@ set -uo pipefail
 
 CONFIG=${CONFIG:-examples/configs/train_gpt2.yaml}
 OUT_DIR=${OUT_DIR:-out-gpt2}
-EXIT_SIGUSR1=138  # examples/train.py's exit codes: 128 + the signal (nanogpt_hf.checkpoint.EXIT_CODES)
+EXIT_SIGUSR1=138  # examples/train.py's exit codes: 128 + the signal (nanogpt_hf.guards.EXIT_CODES)
 EXIT_SIGTERM=143
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

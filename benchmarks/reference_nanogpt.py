@@ -1,6 +1,6 @@
 """A plain-PyTorch GPT written the way karpathy/nanoGPT's model.py is (same module tree, same parameter names,
-exact GELU, flash attention through SDPA), used as the independent reference for checkpoint import and as the
-"plain PyTorch GPT" speed baseline. Not part of the package."""
+exact GELU, flash attention through SDPA): the "plain PyTorch GPT" speed baseline of the benchmarks, and the
+independent reference for nanoGPT checkpoint import in tests/test_modeling.py. Not part of the package."""
 
 import math
 from dataclasses import dataclass
