@@ -162,7 +162,8 @@ def token_mean_losses(model, accelerator, batches):
     loss is divided by the number of targets (y != -100) of the whole iteration, all micro-steps and ranks (one
     all-reduce of the count first). With masked rows of different lengths the mean of per-batch means would weigh a
     token of a short batch more; this gives the same gradient however the batch is split into micro-steps and ranks.
-    Yields each micro-step's loss times the number of processes (their mean over ranks is the iteration's loss)."""
+    Yields each micro-step's loss times the number of micro-steps and processes: their mean over the micro-steps,
+    then over the ranks, is the iteration's loss."""
     batches = list(batches)  # the count comes before the first backward
     count = sum((y != -100).sum() for _, y in batches).float()
     if accelerator.num_processes > 1:
@@ -174,7 +175,7 @@ def token_mean_losses(model, accelerator, batches):
         with accelerator.accumulate(model):
             loss = model(x, shift_labels=y, num_items_in_batch=count).loss  # sum over targets / count
             accelerator.backward(loss * scale)
-        yield loss * accelerator.num_processes
+        yield loss * (len(batches) * accelerator.num_processes)
 
 
 @dataclass
