@@ -210,3 +210,117 @@ def test_one_process_x4_two_processes_x2_and_one_batch_give_the_same_weights(cha
     w = {name: final_weights(tmp_path / name) for name in ("1x4", "1x1", "2x2")}
     assert max_diff(w["1x4"], w["1x1"]) <= 1e-6
     assert max_diff(w["1x4"], w["2x2"]) <= 1e-6
+
+
+# -----------------------------------------------------------------------------
+# SFT from a base out_dir: grown embeddings, the chat template in out_dir, pipeline(messages), resume, LoRA, chat.py
+
+
+def test_resize_embeddings_new_rows_are_the_mean():
+    model = tiny_model(20)
+    old = model.transformer.wte.weight.detach().clone()
+    assert chat.resize_embeddings(model, 24) == 4
+    wte = model.get_input_embeddings().weight
+    assert wte.shape == (24, 32) and model.config.vocab_size == 24
+    assert torch.equal(wte[:20], old)
+    assert torch.allclose(wte[20:], old.mean(0).expand(4, -1))
+    assert model.lm_head.weight is wte  # still tied
+
+
+@pytest.fixture(scope="module")
+def sft_run(char_data_dir, tmp_path_factory):
+    from accelerate.state import AcceleratorState, GradientState
+
+    root = tmp_path_factory.mktemp("sft")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train(tiny_cfg(char_data_dir, root / "base", max_iters=2, eval_interval=2, lr_decay_iters=2))
+    prepare_chat("rev", data_dir=root / "chat", inputs=[str(write_jsonl(root / "c.jsonl", conversations(200)))],
+                 tokenizer=str(root / "base"), block_size=32)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    results = train(tiny_cfg(root / "chat", root / "sft", init_from=str(root / "base"), max_iters=30,
+                             eval_interval=15, lr_decay_iters=30, batch_size=8))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return root, results
+
+
+def test_sft_from_a_base_out_dir_grows_its_embeddings_and_lowers_the_answer_loss(sft_run):
+    root, results = sft_run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    sft = AutoModelForCausalLM.from_pretrained(root / "sft")
+    tok = AutoTokenizer.from_pretrained(root / "sft")
+    assert sft.config.vocab_size == base.config.vocab_size + 4 == len(tok)
+    assert sft.config.eos_token_id == chat.end_token_id(tok)
+    from nanogpt_hf.checkpoint import find_checkpoint
+
+    history = json.loads((find_checkpoint(root / "sft" / "checkpoints") / "trainer_state.json").read_text())["history"]
+    assert results["val_loss"] < 0.8 * history[0]["val_loss"], history  # the masked (answer) loss
+
+
+def test_pipeline_with_messages_from_out_dir(sft_run):
+    root, _ = sft_run
+    from transformers import AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(root / "sft")
+    conv = conversations(1)[0]
+    assert tok.apply_chat_template(conv, return_dict=False) == chat.render(tok, conv)[0]
+    out = pipeline("text-generation", model=str(root / "sft"))(conv[:-1], max_new_tokens=5, do_sample=False)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+
+
+REMOTE_CHILD = """
+import importlib.util, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
+                 and "nanogpt" not in repr(f).lower()]
+sys.path = [p for p in sys.path if p and p.rstrip("/") != "{repo}"]
+assert importlib.util.find_spec("nanogpt_hf") is None, "nanogpt_hf should not be importable"
+from transformers import AutoTokenizer, pipeline
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+messages = [{"role": "user", "content": "reverse abc"}]
+print("IDS", tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+out = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)(messages, max_new_tokens=4,
+                                                                            do_sample=False)
+assert type(out) is list and out[0]["generated_text"][-1]["role"] == "assistant", out
+print("OK")
+"""
+
+
+def test_pipeline_with_messages_with_remote_code_without_the_package(sft_run, tmp_path):
+    root, _ = sft_run
+    child = tmp_path / "child.py"
+    child.write_text(REMOTE_CHILD.replace("{repo}", str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    proc = subprocess.run([sys.executable, str(child), str(root / "sft")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "sft")
+    ids = tok.apply_chat_template([{"role": "user", "content": "reverse abc"}], add_generation_prompt=True,
+                                  return_dict=False)
+    assert f"IDS {ids}" in proc.stdout
+
+
+def test_chat_cli_with_piped_stdin(sft_run):
+    root, _ = sft_run
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/chat.py"), "--model", str(root / "sft"),
+                           "--temperature", "0", "--max_new_tokens", "6"],
+                          input="reverse abc\n/reset\nreverse ab\n/quit\n", capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("> ") >= 3 and "(history cleared)" in proc.stdout
+
+
+def test_chat_cli_refuses_a_model_without_a_chat_template(sft_run):
+    root, _ = sft_run
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/chat.py"), "--model", str(root / "base")],
+                          input="", capture_output=True, text=True, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]  # (after transformers' weight-loading progress bar)
+    assert proc.returncode == 1 and last.startswith("error: ") and "no chat template" in last
+    assert "Traceback" not in proc.stderr
