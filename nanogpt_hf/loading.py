@@ -157,8 +157,9 @@ def build_model(cfg, data, resume_dir=None, lora_base=None, tokenizer=None, log=
     elif cfg.block_size > model.config.block_size and model.config.position_embedding == "learned":
         raise ValueError(f"--block_size {cfg.block_size} is larger than the {model.config.block_size} positions "
                          f"of the model from --init_from {init_from}")
-    if resume_dir is None and cfg.init_from != "scratch" and data.vocab_size > model.config.vocab_size:
-        # SFT data adds the chat tokens to the base model's tokenizer: new embedding rows (the mean embedding)
+    if (resume_dir is None or lora_base) and init_from != "scratch" and data.vocab_size > model.config.vocab_size:
+        # SFT data adds the chat tokens to the base model's tokenizer: new embedding rows (the mean embedding; a
+        # LoRA resume grows its base the same way again)
         log(f"added {resize_embeddings(model, data.vocab_size)} token embeddings for the data's new tokens")
     data.check_vocab(model.config.vocab_size)
     if resume_dir is None and cfg.init_from != "scratch":

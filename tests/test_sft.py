@@ -24,7 +24,7 @@ from nanogpt_hf.modeling_nanogpt import NanoGPTForCausalLM
 from nanogpt_hf.tokenization import build_char_tokenizer, gpt2_tokenizer
 from nanogpt_hf.trainer import train, train_step
 from test_distributed import free_port
-from test_trainer import final_weights, tiny_args, tiny_cfg
+from test_trainer import final_weights, read_dump, tiny_args, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -324,3 +324,61 @@ def test_chat_cli_refuses_a_model_without_a_chat_template(sft_run):
     last = proc.stderr.strip().splitlines()[-1]  # (after transformers' weight-loading progress bar)
     assert proc.returncode == 1 and last.startswith("error: ") and "no chat template" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_sft_resume_after_kill_9_is_exact(sft_run, tmp_path):
+    """An SFT run killed with SIGKILL resumes from its last checkpoint to the same weights as a straight run."""
+    import signal
+
+    from test_checkpoint import LONG, dump_lines, reset, start, wait_for
+
+    root, _ = sft_run
+    from nanogpt_hf.checkpoint import find_checkpoint
+
+    kw = dict(LONG, init_from=str(root / "base"), batch_size=4, checkpoint_interval=3)
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    proc = start(tiny_cfg(root / "chat", out, debug_dump_dir=str(dump), **kw))
+    wait_for(lambda: dump_lines(dump / "rank0.jsonl") >= 7, proc, "7 iterations", timeout=600)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    it = int(find_checkpoint(out / "checkpoints").name[5:])
+    end = dict(kw, max_iters=it + 3)
+    reset()
+    train(tiny_cfg(root / "chat", out, debug_dump_dir=str(dump), **dict(end, init_from="resume")))
+    reset()
+    train(tiny_cfg(root / "chat", tmp_path / "straight", debug_dump_dir=str(tmp_path / "dump_s"), **end))
+    reset()
+    resumed = {r["iter"]: (r["loss"], r["weights"]) for r in read_dump(dump / "rank0.jsonl")}  # later lines win
+    straight = {r["iter"]: (r["loss"], r["weights"]) for r in read_dump(tmp_path / "dump_s/rank0.jsonl")}
+    assert resumed == straight and len(straight) == it + 3
+
+
+def test_lora_sft(sft_run, tmp_path):
+    root, _ = sft_run
+    from accelerate.state import AcceleratorState, GradientState
+    from nanogpt_hf.checkpoint import find_checkpoint
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    results = train(tiny_cfg(root / "chat", tmp_path / "lora", init_from=str(root / "base"), lora_r=4,
+                             max_iters=20, eval_interval=10, lr_decay_iters=20, batch_size=8, learning_rate=1e-2))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    history = json.loads((find_checkpoint(tmp_path / "lora" / "checkpoints") / "trainer_state.json").read_text())
+    assert results["val_loss"] < history["history"][0]["val_loss"]
+    from transformers import AutoModelForCausalLM, pipeline
+
+    vocab = AutoModelForCausalLM.from_pretrained(root / "sft").config.vocab_size  # base + the chat tokens
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lora").config.vocab_size == vocab
+    out = pipeline("text-generation", model=str(tmp_path / "lora"))(conversations(1)[0][:-1], max_new_tokens=3)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+@pytest.mark.slow
+def test_cpu_recipe_reaches_80_percent_exact_match(tmp_path):
+    """examples/sft_recipe.py end to end (about 6 minutes on 2 loaded cores): base ~0 %, after SFT >= 80 %."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/sft_recipe.py"), f"--work_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=3600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "sft_recipe.json").read_text())
+    assert result["exact_match_before"] <= 0.05 and result["exact_match_after"] >= 0.8, result
