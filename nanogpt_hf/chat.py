@@ -17,13 +17,17 @@ import torch
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 CHAT_TOKENS = [f"<|{r}|>" for r in ROLES] + [END]
-# one message: <|role|>content<|end|>; an unknown role is an error, not a silently different prompt
+# one message: <|role|>content<|end|>; an unknown role is an error, not a silently different prompt. The
+# {% generation %} block marks what the assistant says: apply_chat_template(return_assistant_tokens_mask=True) gives
+# render()'s mask, which is what TRL's assistant_only_loss trains on.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{ raise_exception('unknown role ' ~ message['role'] ~ ': expected system, user or assistant') }}"
     "{%- endif -%}"
-    "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '<|end|>' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] ~ '<|end|>' }}{% endgeneration %}"
+    "{%- else -%}{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '<|end|>' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
 )

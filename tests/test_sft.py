@@ -71,6 +71,8 @@ def test_render_equals_apply_chat_template_and_masks_only_answers(kind, tiktoken
     assert saved.apply_chat_template(conv, return_dict=False) == ids
     prompt = saved.apply_chat_template(conv[:-1], add_generation_prompt=True, return_dict=False)
     assert ids[:len(prompt)] == prompt  # generation starts right after <|assistant|>
+    marked = saved.apply_chat_template(conv, return_dict=True, return_assistant_tokens_mask=True)
+    assert marked["assistant_masks"] == mask  # the template's {% generation %} block (TRL's assistant_only_loss)
     answer = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(answer) == conv[-1]["content"] + "<|end|>"  # the answer and its end, nothing else
     assert len(tok) == (len(set("abcdefgh reviswy")) + 1 if kind == "char" else 50257) + 4
