@@ -18,7 +18,7 @@ import os
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from .chat import end_token_id, has_chat_tokens, resize_embeddings
+from .chat import CHAT_TOKENS, end_token_id, has_chat_tokens, resize_embeddings
 from .configuration_nanogpt import NanoGPTConfig
 from .guards import check_same_tokenizer, first_line
 from .hub import check_hub_name
@@ -157,7 +157,8 @@ def build_model(cfg, data, resume_dir=None, lora_base=None, tokenizer=None, log=
     elif cfg.block_size > model.config.block_size and model.config.position_embedding == "learned":
         raise ValueError(f"--block_size {cfg.block_size} is larger than the {model.config.block_size} positions "
                          f"of the model from --init_from {init_from}")
-    if (resume_dir is None or lora_base) and init_from != "scratch" and data.vocab_size > model.config.vocab_size:
+    grow = data.vocab_size - model.config.vocab_size
+    if (resume_dir is None or lora_base) and init_from != "scratch" and data.masked and 0 < grow <= len(CHAT_TOKENS):
         # SFT data adds the chat tokens to the base model's tokenizer: new embedding rows (the mean embedding; a
         # LoRA resume grows its base the same way again)
         log(f"added {resize_embeddings(model, data.vocab_size)} token embeddings for the data's new tokens")
