@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import prepare as prep
+from .sources import load_hub_dataset, resolve_inputs
 from .chat import add_chat_tokens, check_messages, end_token_id
 from .data import FORMAT_VERSION, token_dtype
 from .tokenization import build_char_tokenizer, gpt2_tokenizer, load_pretrained_tokenizer
@@ -36,7 +37,7 @@ def load_conversations(inputs=None, hf_dataset=None, hf_config=None, hf_split="t
     import datasets
 
     if inputs:
-        paths = [str(p) for p in prep.resolve_inputs(inputs, ".")]
+        paths = [str(p) for p in resolve_inputs(inputs, ".")]
         for p in paths:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"input file {p} not found (--input)")
@@ -49,7 +50,7 @@ def load_conversations(inputs=None, hf_dataset=None, hf_config=None, hf_split="t
             raise ValueError(f"--input {' '.join(paths)} has no {column!r} field (it has {ds.column_names})")
         ds = ds.select_columns([column])
         return ds.rename_column(column, "messages") if column != "messages" else ds
-    ds = prep.load_hub_dataset(hf_dataset, hf_config, hf_split, hf_revision, text_column=column)
+    ds = load_hub_dataset(hf_dataset, hf_config, hf_split, hf_revision, text_column=column)
     return ds.rename_column("text", "messages")
 
 
