@@ -12,6 +12,10 @@ Turn text into the token shards training reads: data_dir/{train,val}_000.bin + m
     python examples/prepare.py --dataset mytext --input a.txt --tokenizer bpe --vocab_size 8192   # train a BPE
     python examples/prepare.py --dataset more --input b.txt --tokenizer_from data/mytext          # and reuse it
 
+    python examples/prepare.py --chat --dataset mychat --input chats.jsonl --tokenizer out-base --block_size 128
+        # conversations ({"messages": [{"role", "content"}, ...]} per line, or --hf_dataset ID/folder) for SFT:
+        # chat template + loss mask on the assistant's tokens (docs/sft.md)
+
 No network? Pass the file yourself: --input path/to/input.txt (e.g. for shakespeare_char).
 Killed or interrupted? Run the same command again: it continues after the last complete shard.
 Memory stays bounded (a few hundred MB over the Python process) whatever the size of the input.
@@ -59,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--shard_size", type=int, help=f"max tokens per .bin file (default {DEFAULT_SHARD_SIZE:,})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the document train/val split")
     p.add_argument("--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="python_char: bytes of source to read")
+    p.add_argument("--chat", action="store_true", help="conversations (a 'messages' column of {role, content}) for "
+                                                       "SFT: chat tokens + template, a loss mask on the answers")
+    p.add_argument("--block_size", type=int, help="--chat: the training block_size; each conversation is one row "
+                                                  "of block_size + 1 tokens (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace a data_dir prepared with another tokenizer")
     return p.parse_args(argv)
 
@@ -66,6 +74,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.chat:
+            from nanogpt_hf.chat_data import DEFAULT_BLOCK_SIZE, prepare_chat
+
+            prepare_chat(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer or "gpt2",
+                         hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                         hf_revision=args.hf_revision,
+                         column=args.text_column if args.text_column != "text" else "messages",
+                         block_size=args.block_size or DEFAULT_BLOCK_SIZE, val_fraction=args.val_fraction or 0.1,
+                         seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite, num_proc=args.num_proc)
+            return
         prepare_dataset(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer,
                         hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
                         hf_revision=args.hf_revision, text_column=args.text_column, val_fraction=args.val_fraction,

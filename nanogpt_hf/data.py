@@ -154,6 +154,12 @@ class TokenShards:
             # one memmap per shard for the reader's lifetime: pages are file-backed and shared (the RSS growth
             # nanoGPT avoided by re-opening is page cache the kernel can drop, not a leak)
             self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", offset=header, shape=(sh["num_tokens"],)))
+        # chat data (nanogpt_hf/chat_data.py): a uint8 loss mask per token, in parallel files, and conversations
+        # padded to rows of row_len tokens: windows start at a row, and y is -100 where the mask is 0
+        self.masks, self.row_len = None, self.meta.get("row_len")
+        if self.meta.get("loss_mask"):
+            self.masks = [np.memmap(self.data_dir / sh["mask_file"], dtype=np.uint8, mode="r", shape=(len(s),))
+                          for sh, s in zip(self.meta["splits"][split]["shards"], self.shards)]
         self.bounds = np.cumsum([0] + [len(s) for s in self.shards])  # (num_shards+1,) start of each shard
         self.num_tokens = int(self.bounds[-1])
         self._split_key = zlib.crc32(split.encode())  # decorrelates the train and val draws of a step
@@ -199,27 +205,40 @@ class TokenShards:
                                      f"{model_vocab_size} (and meta.json's {self.vocab_size}): it was not made "
                                      "with this tokenizer; prepare the data again")
 
-    def _gather(self, starts, length):
-        """(B,) start offsets in the split -> (B, length) tokens; a window may run across shard boundaries."""
+    @property
+    def masked(self):
+        """True for chat data: batches carry y = -100 where the loss mask is 0 (train with token-mean losses)."""
+        return self.masks is not None
+
+    def _gather(self, starts, length, shards=None):
+        """(B,) start offsets in the split -> (B, length) tokens (or mask values, shards=self.masks); a window may
+        run across shard boundaries."""
+        shards = self.shards if shards is None else shards
         shard_idx = np.searchsorted(self.bounds, starts, side="right") - 1  # (B,) shard of each window start
         k = shard_idx[0] if len(starts) else 0
         if (shard_idx == k).all() and starts.max(initial=0) + length <= self.bounds[k + 1]:
             # fast path, the usual case: every window lies inside one shard -> a single fancy-index read
             idx = (starts - self.bounds[k])[:, None] + np.arange(length)  # (B, length)
-            return np.asarray(self.shards[k][idx])
-        out = np.empty((len(starts), length), dtype=self.dtype)
+            return np.asarray(shards[k][idx])
+        out = np.empty((len(starts), length), dtype=shards[0].dtype)
         for i, (start, k) in enumerate(zip(starts, shard_idx)):
             pos, filled = start - self.bounds[k], 0
             while filled < length:
-                piece = self.shards[k][pos:pos + length - filled]
+                piece = shards[k][pos:pos + length - filled]
                 out[i, filled:filled + len(piece)] = piece
                 filled, k, pos = filled + len(piece), k + 1, 0
         return out
 
+    def _windows(self, starts, length, device):
+        mask = None if self.masks is None else self._gather(starts, length, self.masks)
+        return self._to_torch(self._gather(starts, length), device, mask)
+
     @staticmethod
-    def _to_torch(windows, device):
+    def _to_torch(windows, device, mask=None):
         t = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)
         x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T) each
+        if mask is not None:  # a target whose mask is 0 (prompt, padding) is ignored by the loss
+            y[torch.from_numpy(mask[:, 1:] == 0)] = -100
         if device is not None and torch.device(device).type == "cuda":
             # pinned host memory lets the copy overlap with compute (nanoGPT's get_batch)
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -230,7 +249,7 @@ class TokenShards:
         every rank draws the same world_size*batch_size distinct offsets and takes its own slice, so ranks
         never share a window and a resumed run draws exactly the batches it would have drawn."""
         starts = self.sample_starts(batch_size, block_size, step, seed, rank, world_size, micro_step)
-        return self._to_torch(self._gather(starts, block_size + 1), device)
+        return self._windows(starts, block_size + 1, device)
 
     def sample_starts(self, batch_size, block_size, step, seed=0, rank=0, world_size=1, micro_step=0):
         """(batch_size,) offsets in the split of the windows get_batch returns."""
@@ -238,24 +257,32 @@ class TokenShards:
             raise ValueError(f"need batch_size, block_size >= 1 and 0 <= rank < world_size, got {batch_size}, "
                              f"{block_size}, rank {rank}, world_size {world_size}")
         n_starts, k = self.num_tokens - block_size, world_size * batch_size
+        if self.row_len:  # chat data: windows start at a conversation's row
+            if block_size + 1 > self.row_len:
+                raise ValueError(f"block_size {block_size} is larger than the rows of {self.data_dir} ({self.row_len}"
+                                 f" tokens = its block_size + 1); use --block_size {self.row_len - 1} or prepare again")
+            n_starts = self.num_tokens // self.row_len
         if n_starts < k:
             raise ValueError(f"the {self.split} split of {self.data_dir} has {self.num_tokens} tokens: too few "
                              f"for {k} distinct windows of block_size {block_size}; use a smaller block_size "
                              "or batch_size, or more data")
         rng = np.random.default_rng([seed, step, micro_step, self._split_key])
-        return rng.choice(n_starts, size=k, replace=False)[rank * batch_size:(rank + 1) * batch_size]
+        starts = rng.choice(n_starts, size=k, replace=False)[rank * batch_size:(rank + 1) * batch_size]
+        return starts * self.row_len if self.row_len else starts
 
     def num_windows(self, block_size):
         """How many non-overlapping (x, y) windows iter_sequential yields over the whole split (all ranks)."""
+        if self.row_len:  # chat data: one window per conversation
+            return self.num_tokens // self.row_len
         return max(0, (self.num_tokens - 1) // block_size)
 
     def iter_sequential(self, batch_size, block_size, rank=0, world_size=1, device=None):
         """Non-overlapping windows covering the split once (x = tokens[i*T:(i+1)*T], y shifted by one; the last
         partial window is dropped) for exact evaluation. Rank r gets windows r, r+W, r+2W, ...: the ranks'
         counts differ by at most one, and a rank's last batch may be smaller than batch_size."""
-        starts = np.arange(rank, self.num_windows(block_size), world_size) * block_size
+        starts = np.arange(rank, self.num_windows(block_size), world_size) * (self.row_len or block_size)
         for i in range(0, len(starts), batch_size):
-            yield self._to_torch(self._gather(starts[i:i + batch_size], block_size + 1), device)
+            yield self._windows(starts[i:i + batch_size], block_size + 1, device)
 
 
 def load_tokenizer(path):

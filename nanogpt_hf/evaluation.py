@@ -207,7 +207,7 @@ def evaluate_loss(model, shards, batch_size, block_size, eval_iters=None, full=F
         with autocast(device, dtype):
             logits = model(x).logits  # (B, T, V)
         sums.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
+        count += y.numel() if not getattr(shards, "masked", False) else int((y != -100).sum())  # chat data: the masked targets
     model.train(was_training)
     nll = torch.stack(sums).cpu().double().sum().item() if sums else 0.0  # added up in float64, as .item()s would be
     nll, count = _reduce_sums(accelerator, [nll, count], device)

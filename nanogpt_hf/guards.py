@@ -36,6 +36,7 @@ from accelerate.utils import DistributedType
 from huggingface_hub import get_token
 from transformers import AutoTokenizer
 
+from .chat import extends
 from .train_config import ARCHITECTURE, TrainConfig
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -275,7 +276,7 @@ def check_same_tokenizer(model_dir, tokenizer, flag, data_dir):
     except (OSError, ValueError):
         return
     a, b = tokenizer_hash(theirs), tokenizer_hash(tokenizer)
-    if a != b:
+    if a != b and not extends(theirs, tokenizer):  # (SFT data: the model's tokenizer + the chat tokens is fine)
         raise ValueError(f"{flag}: its tokenizer ({len(theirs)} tokens, vocab hash {a}) is not the data's "
                          f"({len(tokenizer)} tokens, vocab hash {b}, {data_dir}): the token ids would mean other "
                          "text; prepare the data with the model's tokenizer")

@@ -18,6 +18,7 @@ import os
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
+from .chat import CHAT_TOKENS, end_token_id, has_chat_tokens, resize_embeddings
 from .configuration_nanogpt import NanoGPTConfig
 from .guards import check_same_tokenizer, first_line
 from .hub import check_hub_name
@@ -156,9 +157,16 @@ def build_model(cfg, data, resume_dir=None, lora_base=None, tokenizer=None, log=
     elif cfg.block_size > model.config.block_size and model.config.position_embedding == "learned":
         raise ValueError(f"--block_size {cfg.block_size} is larger than the {model.config.block_size} positions "
                          f"of the model from --init_from {init_from}")
+    grow = data.vocab_size - model.config.vocab_size
+    if (resume_dir is None or lora_base) and init_from != "scratch" and data.masked and 0 < grow <= len(CHAT_TOKENS):
+        # SFT data adds the chat tokens to the base model's tokenizer: new embedding rows (the mean embedding; a
+        # LoRA resume grows its base the same way again)
+        log(f"added {resize_embeddings(model, data.vocab_size)} token embeddings for the data's new tokens")
     data.check_vocab(model.config.vocab_size)
     if resume_dir is None and cfg.init_from != "scratch":
         check_same_tokenizer(init_from, tokenizer, f"--init_from {cfg.init_from}", data.data_dir)
+    if tokenizer is not None and has_chat_tokens(tokenizer):  # a chat model's answer ends at <|end|>
+        model.config.eos_token_id = end_token_id(tokenizer)
     model.generation_config = generation_config(model.config)  # on the base model: a LoRA run saves it merged
     if cfg.gradient_checkpointing:  # the new name (transformers >= 5.x) or the old one
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

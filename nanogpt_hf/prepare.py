@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -164,15 +165,18 @@ class ShardWriter:
     from .part to its name and recorded in progress.json with where the input continues (row index, tokens
     of that row already written), so a killed prepare resumes after its last complete shard."""
 
-    def __init__(self, out_dir, split, state, progress, dtype, shard_size, fmt, dataset):
+    def __init__(self, out_dir, split, state, progress, dtype, shard_size, fmt, dataset, mask=False):
         self.out_dir, self.split, self.state, self.progress = out_dir, split, state, progress
         self.dtype, self.shard_size, self.fmt, self.dataset = np.dtype(dtype), shard_size, fmt, dataset
         self.sleep = float(os.environ.get(SLEEP_ENV) or 0)
-        self.f = None
+        self.f = self.mf = None
+        self.mask = mask  # chat data: a uint8 loss mask per token, in NAME.mask next to each shard
 
     def _open(self):
         self.name = shard_name(self.fmt, self.dataset, self.split, len(self.state["shards"]))
         self.f = open(self.out_dir / (self.name + ".part"), "wb")
+        if self.mask:
+            self.mf = open(self.out_dir / (self.name[:-4] + ".mask.part"), "wb")
         if self.fmt == "llmc":
             self.f.write(llmc_header(0))
         self.n, self.max = 0, 0
@@ -185,15 +189,23 @@ class ShardWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         self.f = None
+        extra = {}
+        if self.mf is not None:  # the mask is in place before its shard is, and both before progress.json says so
+            self.mf.flush()
+            os.fsync(self.mf.fileno())
+            self.mf.close()
+            self.mf, extra["mask_file"] = None, self.name[:-4] + ".mask"
+            os.replace(self.out_dir / (extra["mask_file"] + ".part"), self.out_dir / extra["mask_file"])
         os.replace(self.out_dir / (self.name + ".part"), self.out_dir / self.name)
         nbytes = (LLMC_HEADER_BYTES if self.fmt == "llmc" else 0) + self.n * self.dtype.itemsize
-        self.state["shards"].append(dict(file=self.name, num_tokens=self.n, bytes=nbytes, max_token_id=self.max))
+        self.state["shards"].append(dict(file=self.name, num_tokens=self.n, bytes=nbytes, max_token_id=self.max,
+                                         **extra))
         self.state.update(next_item=next_item, skip_tokens=skip_tokens, documents=documents)
         _save_json(self.out_dir / PROGRESS_FILE, self.progress)
 
-    def write(self, flat, lens, ends, first_item, first_offset):
+    def write(self, flat, lens, ends, first_item, first_offset, mask=None):
         """flat: the tokens of rows first_item, first_item+1, ... (lens each; the first row's first
-        first_offset tokens were written before)."""
+        first_offset tokens were written before); mask: their loss mask (uint8, same length), with mask=True."""
         cum, pos, docs = np.cumsum(lens), 0, self.state["documents"]  # documents complete before this batch
         while pos < len(flat):
             if self.f is None:
@@ -201,6 +213,8 @@ class ShardWriter:
             n = min(len(flat) - pos, self.shard_size - self.n)
             piece = flat[pos:pos + n]
             self.f.write(piece.tobytes())
+            if self.mf is not None:
+                self.mf.write(mask[pos:pos + n].tobytes())
             self.n, self.max, pos = self.n + n, max(self.max, int(piece.max())), pos + n
             if self.n == self.shard_size:
                 k = int(np.searchsorted(cum, pos, side="right"))  # rows written completely
@@ -266,6 +280,7 @@ def _exchange(a, b):
 def _ours(p):
     """A file prepare writes (anything else in a data_dir is the user's and is kept)."""
     return p.name in ("meta.json", "tokenizer", PROGRESS_FILE, LOCK_FILE) or p.name.endswith((".part", ".tmp")) \
+        or re.fullmatch(r"(train|val)_\d{3,}\.mask", p.name) is not None \
         or SHARD_FILE.fullmatch(p.name) is not None or LLMC_FILE.fullmatch(p.name) is not None
 
 

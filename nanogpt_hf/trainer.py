@@ -148,6 +148,36 @@ class RunState:
 # one update
 
 
+def _mean_losses(model, accelerator, batches):
+    """Forward and backward over the micro-batches, each loss the mean over its B*T targets; yields the losses."""
+    for x, y in batches:
+        with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
+            loss = model(x, shift_labels=y).loss
+            accelerator.backward(loss)  # scaled by 1/accum (and by the fp16 loss scale)
+        yield loss
+
+
+def token_mean_losses(model, accelerator, batches):
+    """Forward and backward over the micro-batches with the token-normalised loss: every micro-step's summed token
+    loss is divided by the number of targets (y != -100) of the whole iteration, all micro-steps and ranks (one
+    all-reduce of the count first). With masked rows of different lengths the mean of per-batch means would weigh a
+    token of a short batch more; this gives the same gradient however the batch is split into micro-steps and ranks.
+    Yields each micro-step's loss times the number of micro-steps and processes: their mean over the micro-steps,
+    then over the ranks, is the iteration's loss."""
+    batches = list(batches)  # the count comes before the first backward
+    count = sum((y != -100).sum() for _, y in batches).float()
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    count = count.clamp(min=1)  # an iteration without targets: zero loss, zero gradients
+    # accelerator.backward divides by the accumulation steps and DDP averages over ranks: undo both
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    for x, y in batches:
+        with accelerator.accumulate(model):
+            loss = model(x, shift_labels=y, num_items_in_batch=count).loss  # sum over targets / count
+            accelerator.backward(loss * scale)
+        yield loss * (len(batches) * accelerator.num_processes)
+
+
 @dataclass
 class Step:
     """What train_step did. loss: this rank's mean over the micro-steps (a 0-d tensor on the device: reading it is
@@ -161,7 +191,7 @@ class Step:
 
 
 def train_step(model, optimizer, accelerator, batches, grad_clip=0.0, nan_policy="stop", it=0, stop=None,
-               checkpoint_at=math.inf):
+               checkpoint_at=math.inf, token_mean=False):
     """One optimizer update, as the training loop makes it: forward and backward over the micro-batches (the
     gradients all-reduced across ranks on the last one only), clipping, a finite check, the update.
 
@@ -177,14 +207,17 @@ def train_step(model, optimizer, accelerator, batches, grad_clip=0.0, nan_policy
     stop, checkpoint_at: a guards.StopSignals, and a time.time() from which on a checkpoint is due: whether any
         rank got a signal or reached that time goes into the all-reduce of the finite check (Step.stopping,
         Step.checkpoint_due), so that the loop has one sync per iteration and all ranks stop or save at one.
+    token_mean: y holds -100 on the targets to ignore (SFT's loss mask): the loss is the sum of the token losses of
+        all micro-steps and ranks / their number of targets (token_mean_losses), not a mean of per-batch means.
     """
+    if token_mean:
+        losses = token_mean_losses(model, accelerator, batches)
+    else:  # full blocks: every micro-batch has B*T targets, and the mean of the means is the token mean
+        losses = _mean_losses(model, accelerator, batches)
     loss_sum, n = torch.zeros((), device=accelerator.device), 0
-    for x, y in batches:
-        with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
-            loss = model(x, shift_labels=y).loss
-            accelerator.backward(loss)  # scaled by 1/accum (and by the fp16 loss scale)
+    for loss in losses:
         loss_sum, n = loss_sum + loss.detach(), n + 1
-    loss_mean = loss_sum / n  # the true mean over the micro-steps
+    loss_mean = loss_sum / n  # the true mean over the micro-steps (token_mean: this rank's share of the mean)
     # clip (unscaling fp16 gradients first); grad_clip 0 still measures the norm
     norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     # the one sync: before the update we must know whether the loss is finite on every rank
@@ -485,7 +518,8 @@ def train(cfg: TrainConfig) -> dict:
             t0, lr = time.time(), get_lr(it, cfg)
             set_lr(optimizer, lr, scales)  # every param group on the one schedule, scaled to its own peak
             step = train_step(model, optimizer, accelerator, micro_batches(train_data, cfg, it, accelerator),
-                              cfg.grad_clip, cfg.nan_policy, it=it, stop=stop, checkpoint_at=checkpoint_at)
+                              cfg.grad_clip, cfg.nan_policy, it=it, stop=stop, checkpoint_at=checkpoint_at,
+                              token_mean=train_data.masked)
             stopping, checkpoint_due = step.stopping, step.checkpoint_due
             if not step.updated:  # --nan_policy skip
                 state.skipped_updates += 1
@@ -532,5 +566,5 @@ def train(cfg: TrainConfig) -> dict:
         return results
 
 
-__all__ = ["train", "train_step", "micro_batches", "RunState", "Step", "get_lr", "get_batch_size", "estimate_loss",
+__all__ = ["train", "train_step", "token_mean_losses", "micro_batches", "RunState", "Step", "get_lr", "get_batch_size", "estimate_loss",
            "build_model", "find_checkpoint", "EVAL_MICRO_STEP"]
