@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from nanogpt_hf.cli import error_boundary
 from nanogpt_hf.prepare import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, \
     prepare_dataset
 
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
     try:
