@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, shard_name, token_dtype
+from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, shard_name, token_dtype, \
+    tokenizer_hash
 from .tokenization import (
     GPT2_EOT,
     build_char_tokenizer,
@@ -159,16 +160,31 @@ def stdlib_files(max_bytes=DEFAULT_MAX_BYTES):
     return root, texts
 
 
+_CUT = re.compile(r"(?<=\S)[ \n]")
+MAX_ROW_CHARS = 64 * CHUNK_CHARS  # 4M chars: a row is cut here even without whitespace, so memory stays bounded
+
+
+def next_cut(text, i, size=CHUNK_CHARS, final=True):
+    """Where the row starting at text[i] ends: just before the first space/newline after a non-space character
+    at or past i + size (GPT-2's pre-tokenizer always splits there, so BPE gives exactly the tokens of the whole
+    text; char level does not care); at i + MAX_ROW_CHARS at the latest (text without whitespace: the one place
+    where the tokens may differ from the whole text's, at a cut every 4M characters). None when text ends before
+    either and more may follow (final=False); len(text) when it is all there is (final=True)."""
+    limit = i + max(size, MAX_ROW_CHARS)
+    m = _CUT.search(text, i + size, limit)
+    if m:
+        return m.start()
+    if len(text) >= limit:
+        return limit
+    return len(text) if final else None
+
+
 def chunk_text(text, size=CHUNK_CHARS):
-    """Cut one long text into rows of ~size chars so that the tokenizer can work on it in parallel and in
-    bounded memory. Each cut goes just before a space/newline that follows a non-space character: GPT-2's
-    pre-tokenizer always splits there, so BPE gives exactly the tokens of the whole text (and char-level
-    tokenization does not care)."""
-    cut = re.compile(r"(?<=\S)[ \n]")
+    """Cut one long text into rows of ~size chars (next_cut) so that the tokenizer can work on it in parallel and
+    in bounded memory."""
     rows, i = [], 0
     while i < len(text):
-        m = cut.search(text, i + size)
-        j = m.start() if m else len(text)
+        j = next_cut(text, i, size)
         rows.append(text[i:j])
         i = j
     return rows
@@ -211,13 +227,12 @@ def _chars(pieces, start, stop=None):
 def chunk_stream(pieces, size=CHUNK_CHARS):
     """chunk_text over a stream of str pieces: the same rows as chunk_text("".join(pieces)), in memory
     bounded by one piece plus one row (a cut depends only on the two characters around it)."""
-    cut = re.compile(r"(?<=\S)[ \n]")
     buf, i = "", 0
     for piece in pieces:
         buf, i = buf[i:] + piece, 0
-        while len(buf) - i > size and (m := cut.search(buf, i + size)):
-            yield buf[i:m.start()]
-            i = m.start()
+        while len(buf) - i > size and (j := next_cut(buf, i, size, final=False)) is not None:
+            yield buf[i:j]
+            i = j
     yield from chunk_text(buf[i:], size)
 
 
@@ -574,6 +589,10 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         raise ValueError("--shard_size and --num_proc must be >= 1 and --seed >= 0")
     if format not in ("nanogpt", "llmc"):
         raise ValueError(f"--format must be nanogpt or llmc, got {format!r}")
+    if num_proc is not None and num_proc > default_num_proc():  # 1000 forked workers would only thrash
+        print(f"note: --num_proc {num_proc} is more than the {default_num_proc()} cores here; using "
+              f"{default_num_proc()}")
+        num_proc = default_num_proc()
     num_proc = num_proc or default_num_proc()
     data_dir = Path(data_dir or Path("data") / dataset)
     if (data_dir / "meta.json").is_file() and not overwrite:
@@ -746,6 +765,7 @@ def _write_dataset(work, data_dir, request, splits, limits, by_documents, tok, k
         meta.update(split_by="documents (the first val_tokens tokens are val)", val_tokens=limits["val"])
     if tokenizer == "char":
         meta["unk_char"] = default_unk_char(char_vocab(tok))  # what unknown characters are encoded as
+    meta["tokenizer_hash"] = tokenizer_hash(tok)  # readers refuse a tokenizer/ swapped for another of the same size
     (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _commit(work, data_dir)
     return split_info, meta
