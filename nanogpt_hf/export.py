@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import load_model
+from .loading import load_model
 from .tokenization import char_vocab
 
 FORMATS = ("gpt2", "gguf", "onnx")
