@@ -196,9 +196,10 @@ def check_owner(out_dir, cfg):
 
 
 def ckpt_folders(out_dir):
-    """The checkpoint folders (finished or not) in out_dir/checkpoints."""
+    """The finished checkpoint folders in out_dir/checkpoints (a killed run's step_N.tmp is removed at start)."""
     root = Path(out_dir) / "checkpoints"
-    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    return sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
+                  reverse=True) if root.is_dir() else []
 
 
 def _write_marker(out_dir):
