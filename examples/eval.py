@@ -33,15 +33,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-
-from nanogpt_hf.data import TokenShards, load_tokenizer
-from nanogpt_hf.guards import check_same_tokenizer
-from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, check_device, describe_chars, evaluate_loss, \
-    lambada_accuracy, lm_eval_benchmarks, load_benchmark, max_context, sliding_window_perplexity, unknown_chars
 from nanogpt_hf.card import CARD_MARKER, write_model_card
+from nanogpt_hf.cli import error_boundary
+from nanogpt_hf.data import TokenShards, load_tokenizer
+from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, check_device, describe_chars, \
+    evaluate_loss, lambada_accuracy, lm_eval_benchmarks, load_benchmark, max_context, sliding_window_perplexity, \
+    unknown_chars
+from nanogpt_hf.guards import check_same_tokenizer
 from nanogpt_hf.loading import load_model
 from nanogpt_hf.train_config import read_yaml
-from nanogpt_hf.cli import error_boundary
 
 RESULTS = "eval_results.json"  # in a local --model folder: the file its model card reads
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 from transformers import TextStreamer, set_seed
 
-from nanogpt_hf.evaluation import autocast, autocast_dtype, check_device, context_limit, default_device, describe_chars, \
-    generate_cropped, static_decoding, unknown_chars
-from nanogpt_hf.loading import load_model
 from nanogpt_hf.cli import error_boundary
+from nanogpt_hf.evaluation import autocast, autocast_dtype, check_device, context_limit, default_device, \
+    describe_chars, generate_cropped, static_decoding, unknown_chars
+from nanogpt_hf.loading import load_model
 
 
 MAX_NEW_TOKENS = 1_000_000  # per sample: a bound, so a typo'd 1000000000 is an error and not a day of generating

@@ -365,6 +365,7 @@ def check_skipped(skipped, it, cfg):
                                  "--learning_rate)")
 
 
-__all__ = ["agree", "write_error", "first_line", "check_launch", "check_push", "OutDirLock", "claim_out_dir", "check_owner", "run_id", "RUN_MARKER",
-           "checkpoint_bytes", "check_room", "StopSignals", "Interrupted", "STOP_SIGNALS", "EXIT_CODES",
-           "tokenizer_hash", "check_same_tokenizer", "check_resumable", "resume_changes", "RESUME_VISIBLE", "check_skipped"]
+__all__ = ["agree", "write_error", "first_line", "check_launch", "check_push", "OutDirLock", "claim_out_dir",
+           "check_owner", "run_id", "RUN_MARKER", "checkpoint_bytes", "check_room", "StopSignals", "Interrupted",
+           "STOP_SIGNALS", "EXIT_CODES", "tokenizer_hash", "check_same_tokenizer", "check_resumable", "resume_changes",
+           "RESUME_VISIBLE", "check_skipped"]

@@ -217,4 +217,5 @@ def build_model(cfg, data, resume_dir=None, lora_base=None, tokenizer=None, log=
     return model
 
 
-__all__ = ["load_pretrained", "reading_weights", "check_model_config", "load_model", "build_model", "new_model", "checkpoint_model", "no_such_folder"]
+__all__ = ["load_pretrained", "reading_weights", "check_model_config", "load_model", "build_model", "new_model",
+           "checkpoint_model", "no_such_folder"]

@@ -351,6 +351,15 @@ def default_num_proc():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cap_num_proc(num_proc):
+    """--num_proc -> the worker count: all cores by default, and never more (1000 forked workers only thrash)."""
+    cores = default_num_proc()
+    if num_proc is not None and num_proc > cores:
+        print(f"note: --num_proc {num_proc} is more than the {cores} cores here; using {cores}")
+        return cores
+    return num_proc or cores
+
+
 def make_tokenizer(spec, chars, by_documents):
     """--tokenizer -> (HF tokenizer to save, encoder spec for _encode_batch minus EOT placement, vocab_size,
     eot id or None). chars: a callable returning the set of characters of the text (char level only)."""
@@ -589,11 +598,7 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         raise ValueError("--shard_size and --num_proc must be >= 1 and --seed >= 0")
     if format not in ("nanogpt", "llmc"):
         raise ValueError(f"--format must be nanogpt or llmc, got {format!r}")
-    if num_proc is not None and num_proc > default_num_proc():  # 1000 forked workers would only thrash
-        print(f"note: --num_proc {num_proc} is more than the {default_num_proc()} cores here; using "
-              f"{default_num_proc()}")
-        num_proc = default_num_proc()
-    num_proc = num_proc or default_num_proc()
+    num_proc = cap_num_proc(num_proc)
     data_dir = Path(data_dir or Path("data") / dataset)
     if (data_dir / "meta.json").is_file() and not overwrite:
         try:

@@ -124,7 +124,7 @@ class RunState:
     tokenizer_hash: str | None = None  # guards.tokenizer_hash of the data's tokenizer
     lora_base: str | None = None  # --lora_r: the model the adapters sit on (checkpoints hold only the adapters)
     run_id: str | None = None  # out_dir's run (guards.RUN_MARKER): checkpoint.save prunes only this run's checkpoints
-    resumes: list = field(default_factory=list)  # {iter, changes: {setting: [old, new]}} of each resume that changed any
+    resumes: list = field(default_factory=list)  # {iter, changes: {setting: [old, new]}}: resumes that changed any
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -368,10 +368,11 @@ def load_run_state(cfg, accelerator, data, tokenizer, log=print):
     return state, ckpt_dir
 
 
-def push_final(pusher, message, stop):
-    """The final push, waited for: a failed push was logged, and the final state is worth one more try. Each push
-    ends by hub.hub_limits's deadline however the server behaves; a stop signal ends the wait at once."""
-    for attempt in range(2):
+def push_final(pusher, best_val_loss, it, stop):
+    """The final push (if pushing), waited for: a failed push was logged, and the final state is worth one more
+    try. Each push ends by hub.hub_limits's deadline however the server behaves; a stop signal ends the wait."""
+    message = f"nanogpt_hf: final model (best val loss {best_val_loss:.4f} at iter {it})"
+    for attempt in range(2 if pusher is not None else 0):
         pusher.push(message)
         while not pusher.wait(timeout=1.0):
             if stop.requested or not pusher.busy:
@@ -530,10 +531,8 @@ def train(cfg: TrainConfig) -> dict:
                f"ms/iter, {results['tokens_per_s'] or 0:,} tokens/s (evaluation excluded); {out_dir} is ready")
         if dump is not None:
             dump.close()
-        if pusher is not None:
-            push_final(pusher, f"nanogpt_hf: final model (best val loss {state.best_val_loss:.4f} at iter "
-                               f"{results['iter']})", stop)
-        if master and cfg.sample_at_end and not stop.requested:
+        push_final(pusher, state.best_val_loss, results["iter"], stop)
+        if master and cfg.sample_at_end:
             outputs.print_samples(out_dir, cfg.sample_at_end, accelerator, stop=stop)
         if stop.requested:  # during the final push or the samples: the run is complete and checkpointed; stop now
             raise stop.interrupted(find_checkpoint(out_dir / "checkpoints"), state.iter)
