@@ -44,7 +44,7 @@ import transformers
 from benchmarks.common import PRESETS, Shape, describe_machine
 from benchmarks.data_loader import bench_data, format_data, prepare_bench_data
 from benchmarks.generation import bench_generate, bench_sample, format_generate, format_sample
-from benchmarks.prepare_speed import bench_prepare, bench_text, format_prepare
+from benchmarks.prepare import bench_prepare, bench_text, format_prepare
 from benchmarks.time_to_loss import TARGET_LOSS, TIME_TO_LOSS_GOAL, bench_time_to_loss, format_time_to_loss
 from benchmarks.train_step import bench_bf16, bench_train, format_bf16, format_train
 from nanogpt_hf.evaluation import autocast_dtype, check_device, default_device

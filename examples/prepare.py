@@ -9,10 +9,13 @@ Turn text into the token shards training reads: data_dir/{train,val}_000.bin + m
     python examples/prepare.py --dataset fineweb10B --format llmc    # FineWeb sample-10BT as llm.c shards
     python examples/prepare.py --dataset mytext --input a.txt b/*.txt --tokenizer char
     python examples/prepare.py --dataset wiki --hf_dataset ID --hf_config C --text_column text --tokenizer gpt2
+    python examples/prepare.py --dataset mytext --input a.txt --tokenizer bpe --vocab_size 8192   # train a BPE
+    python examples/prepare.py --dataset more --input b.txt --tokenizer_from data/mytext          # and reuse it
 
 No network? Pass the file yourself: --input path/to/input.txt (e.g. for shakespeare_char).
 Killed or interrupted? Run the same command again: it continues after the last complete shard.
 Memory stays bounded (a few hundred MB over the Python process) whatever the size of the input.
+Tokenization is a datasets .map on --num_proc processes, cached: the same command again reads the tokens back.
 """
 
 import argparse
@@ -22,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from nanogpt_hf.cli import error_boundary
-from nanogpt_hf.prepare import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_SEED, DEFAULT_SHARD_SIZE, DEFAULT_VAL_TOKENS, \
-    prepare_dataset
+from nanogpt_hf.prepare import DEFAULT_SEED, DEFAULT_SHARD_SIZE, prepare_dataset
+from nanogpt_hf.sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS
 
 
 def parse_args(argv=None):
@@ -33,8 +36,12 @@ def parse_args(argv=None):
     p.add_argument("--input", nargs="+", help="text files, globs or http(s) URLs (one file: split by characters; "
                                               "several: each file is a document, split by documents)")
     p.add_argument("--data_dir", help="output folder (default: data/<dataset>)")
-    p.add_argument("--tokenizer", help="char | gpt2 | a Hugging Face tokenizer id or folder (default: the "
-                                       "dataset's, gpt2 for your own text)")
+    p.add_argument("--tokenizer", help="char | gpt2 | bpe (train one, --vocab_size) | a Hugging Face tokenizer id or "
+                                       "folder (default: the dataset's, gpt2 for your own text)")
+    p.add_argument("--vocab_size", type=int, help="--tokenizer bpe: train a byte-level BPE of this many tokens on the "
+                                                  "train split (256 bytes + <|endoftext|> + merges)")
+    p.add_argument("--tokenizer_from", help="reuse the BPE of an earlier --tokenizer bpe run (its data_dir or "
+                                            "tokenizer folder)")
     p.add_argument("--hf_dataset", help="a Hub dataset id or local dataset folder (split by documents)")
     p.add_argument("--hf_config", help="its configuration name")
     p.add_argument("--hf_split", default="train", help="which split of it to read (default: train)")
@@ -66,7 +73,8 @@ def main(argv=None):
                         hf_revision=args.hf_revision, text_column=args.text_column, val_fraction=args.val_fraction,
                         shard_size=args.shard_size, num_proc=args.num_proc, seed=args.seed,
                         max_bytes=args.max_bytes, overwrite=args.overwrite, streaming=args.streaming or None,
-                        val_tokens=args.val_tokens, format=args.format)
+                        val_tokens=args.val_tokens, format=args.format, vocab_size=args.vocab_size,
+                        tokenizer_from=args.tokenizer_from)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         sys.exit(f"error: {e}")
 

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from transformers import StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
-from .prepare import load_hub_dataset
 from .guards import first_line
 from .modeling_nanogpt import CACHE_NAME
 from .tokenization import char_vocab
@@ -380,6 +379,8 @@ def load_benchmark(name, file=None):
                 raise ValueError(f"--{name}_file {file}: expected one JSON object with a 'text' field per line "
                                  f"({type(e).__name__})") from None
         return lines
+    from .sources import load_hub_dataset  # here: datasets costs ~1 s to import, which training never needs
+
     hub_id, config, split, column = BENCHMARKS[name]["hub"]
     try:
         rows = load_hub_dataset(hub_id, config, split=split, text_column=column)["text"]

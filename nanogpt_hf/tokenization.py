@@ -17,6 +17,9 @@ Tokenizers for nanogpt_hf, all saved in Hugging Face format so every trained mod
 - `gpt2_tokenizer()`: GPT-2 BPE as a GPT2TokenizerFast built from the very files tiktoken uses (its cache, or
   a download), so it agrees with tiktoken's "gpt2" encoding id for id. prepare encodes with tiktoken (fast,
   nanoGPT's) and saves this one next to the shards.
+- `train_bpe(texts, vocab_size)`: a byte-level BPE like GPT-2's (its pre-tokenization, 256 byte symbols), merges
+  learned from texts with the `tokenizers` library, `<|endoftext|>` its one special token (bos/eos/pad).
+  Deterministic: the same texts give the same tokenizer.json. examples/prepare.py --tokenizer bpe --vocab_size N.
 - `load_pretrained_tokenizer(name)`: AutoTokenizer with a one-line error. (The tokenizer of a data_dir:
   nanogpt_hf.data.load_tokenizer.)
 """
@@ -24,7 +27,7 @@ Tokenizers for nanogpt_hf, all saved in Hugging Face format so every trained mod
 import json
 import os
 
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 GPT2_EOT = 50256
@@ -118,6 +121,51 @@ def tiktoken_gpt2():
             f"tiktoken cannot load 'gpt2' ({type(e).__name__}); when offline, set TIKTOKEN_CACHE_DIR "
             "to a folder holding its cached encoder.json/vocab.bpe"
         ) from None
+
+
+# -----------------------------------------------------------------------------
+# byte-level BPE, trained
+
+
+def train_bpe(texts, vocab_size, eot=CHAR_EOT):
+    """A byte-level BPE with exactly vocab_size tokens (eot, the 256 byte symbols, then the merges learned from
+    texts, an iterable of str read once as a stream). The trainer keeps a count per distinct pre-token (word),
+    so its memory grows with the vocabulary of the text, not with its length."""
+    if vocab_size < 257 or vocab_size > 2**32:
+        raise ValueError(f"--vocab_size must be at least 257 (256 bytes + {eot}), got {vocab_size}")
+    backend = Tokenizer(models.BPE())
+    # GPT-2's pre-tokenization: its regex (words, numbers, punctuation, whitespace runs), then bytes as symbols
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eot], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    if backend.get_vocab_size() != vocab_size:
+        raise ValueError(f"the training text gives only {backend.get_vocab_size()} tokens (too little text for "
+                         f"--vocab_size {vocab_size}); use a smaller --vocab_size or more text")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    tokenizer.add_special_tokens({"bos_token": eot, "eos_token": eot, "pad_token": eot})
+    return tokenizer
+
+
+def is_byte_level_bpe(tokenizer):
+    """A tokenizer train_bpe made (or GPT-2's): BPE on bytes after GPT-2's pre-tokenization regex."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    pre = spec.get("pre_tokenizer") or {}
+    return spec.get("model", {}).get("type") == "BPE" and pre.get("type") == "ByteLevel" and \
+        pre.get("use_regex", True) and not pre.get("add_prefix_space")
+
+
+def compression(tokenizer, texts):
+    """Bytes per token of tokenizer, and of GPT-2's BPE (None without its files), on texts (a list of str)."""
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    ours = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    try:
+        gpt2 = sum(map(len, tiktoken_gpt2().encode_ordinary_batch(texts)))
+    except ValueError:  # no GPT-2 files (offline, without a tiktoken cache)
+        gpt2 = None
+    return dict(bytes=size, bytes_per_token=round(size / max(ours, 1), 4),
+                gpt2_bytes_per_token=round(size / gpt2, 4) if gpt2 else None)
 
 
 # -----------------------------------------------------------------------------

@@ -376,12 +376,12 @@ def test_num_proc_is_capped_at_the_cores(tmp_path, tiny_text, capsys):
 
 @pytest.mark.parametrize("how", ["text", "stream"])
 def test_text_without_whitespace_is_cut_at_a_bound(how):
-    from nanogpt_hf import prepare
+    from nanogpt_hf import sources
 
-    text = "x" * (prepare.MAX_ROW_CHARS * 2 + 123)
-    rows = prepare.chunk_text(text) if how == "text" else \
-        list(prepare.chunk_stream(text[i:i + (1 << 20)] for i in range(0, len(text), 1 << 20)))
-    assert "".join(rows) == text and max(map(len, rows)) <= prepare.MAX_ROW_CHARS
+    text = "x" * (sources.MAX_ROW_CHARS * 2 + 123)
+    rows = sources.chunk_text(text) if how == "text" else \
+        list(sources.chunk_stream(text[i:i + (1 << 20)] for i in range(0, len(text), 1 << 20)))
+    assert "".join(rows) == text and max(map(len, rows)) <= sources.MAX_ROW_CHARS
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from benchmarks.data_loader import benchmark_get_batch
 from nanogpt_hf.data import TokenShards, load_tokenizer, read_meta
-from nanogpt_hf.prepare import chunk_text, prepare_dataset, stdlib_files
+from nanogpt_hf.prepare import prepare_dataset
+from nanogpt_hf.sources import chunk_text, stdlib_files
 
 
 def stream(data_dir, split):

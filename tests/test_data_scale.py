@@ -20,7 +20,8 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import make_text
 
 from nanogpt_hf.data import TokenShards, read_meta
-from nanogpt_hf.prepare import SLEEP_ENV, chunk_stream, chunk_text, prepare_dataset
+from nanogpt_hf.prepare import SLEEP_ENV, prepare_dataset
+from nanogpt_hf.sources import chunk_stream, chunk_text
 from nanogpt_hf.train_config import TrainConfig
 from nanogpt_hf.trainer import train
 
@@ -389,14 +390,16 @@ def test_fineweb_config_is_the_llmc_schedule():
 
 
 def test_bench_prepare_prints_the_ratio_to_the_bare_tokenizer(tmp_path, tiktoken_cache):
-    from benchmarks.prepare_speed import bench_prepare, format_prepare
+    from benchmarks.prepare import bench_prepare, format_prepare
 
     text = tmp_path / "t.txt"
     text.write_text(make_text(30_000, seed=5), encoding="utf-8")
     r = bench_prepare(text, tmp_path, num_proc=2, repeats=1)
     lines = format_prepare(r).splitlines()
-    assert len(lines) == 2 and all("ratio" in x and "(target >= 0.9x)" in x and "bare" in x for x in lines)
+    assert len(lines) == 4 and all("ratio" in x and "re-run" in x for x in lines)
+    assert all("(target >= 0.9x)" in x and "bare" in x and "load" in x for x in lines[::2])
     assert r["tokenizers"]["gpt2"]["tokens"] == r["tokenizers"]["hf"]["tokens"] > 0  # the same BPE both ways
+    assert all(v["bare"] > 0 and v["prepare"] > 0 and v["rerun"] > 0 for v in r["tokenizers"].values())
 
 
 def test_a_streamed_prepare_resumes_to_the_same_bytes(tmp_path, tiktoken_cache, monkeypatch):
