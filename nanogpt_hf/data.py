@@ -15,6 +15,8 @@ Layout of a data_dir (meta.json is written last: a data_dir without it is not a 
     meta.json     format_version, dataset, source, tokenizer, vocab_size, dtype, split_by, eot_token_id (the id
                   appended after every document; null for one-text datasets and char level), splits
                   {train: {num_tokens, shards: [{file, num_tokens, bytes, max_token_id}, ...]}, val: ...}
+                  tokenizer_hash (data.tokenizer_hash of tokenizer/; data prepared before it has none); read_meta
+                  checks all of it against this schema
     tokenizer/    AutoTokenizer.from_pretrained(data_dir + "/tokenizer") works
     train_000.bin train_001.bin ... val_000.bin   each at most shard_size tokens; read them as one stream
 With format "llmc" (format_version 2): NAME_train_000000.bin ... with llm.c's 1 KB header, the EOT before each
