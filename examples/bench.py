@@ -47,8 +47,9 @@ from benchmarks.generation import bench_generate, bench_sample, format_generate,
 from benchmarks.prepare import bench_prepare, bench_text, format_prepare
 from benchmarks.time_to_loss import TARGET_LOSS, TIME_TO_LOSS_GOAL, bench_time_to_loss, format_time_to_loss
 from benchmarks.train_step import bench_bf16, bench_train, format_bf16, format_train
-from nanogpt_hf.evaluation import autocast_dtype, default_device
+from nanogpt_hf.evaluation import autocast_dtype, check_device, default_device
 from nanogpt_hf.train_config import parse_config
+from nanogpt_hf.cli import error_boundary
 
 WHAT = ("train", "generate", "data", "time_to_loss", "prepare", "bf16")
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +147,7 @@ def time_to_loss_runs(args):
     return runs
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -155,7 +157,7 @@ def main(argv=None):
         if min(args.iters, args.gen_repeats, args.gen_nocache_repeats, args.data_iters) < 1 or args.warmup < 0:
             raise ValueError("--iters, --gen_repeats, --gen_nocache_repeats and --data_iters must be >= 1, "
                              "--warmup >= 0")
-        device = args.device or default_device()
+        device = str(check_device(args.device)) if args.device else default_device()
         dtype = autocast_dtype(device, args.dtype)
         shape = make_shape(args.preset, args)
         gen_shape = shape if args.gen_shape == "custom" else Shape(**PRESETS[args.gen_shape])

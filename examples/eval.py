@@ -33,13 +33,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import yaml
-
-from nanogpt_hf.data import TokenShards
-from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, describe_chars, evaluate_loss, \
-    lambada_accuracy, lm_eval_benchmarks, load_benchmark, max_context, sliding_window_perplexity, unknown_chars
 from nanogpt_hf.card import CARD_MARKER, write_model_card
+from nanogpt_hf.cli import error_boundary
+from nanogpt_hf.data import TokenShards, load_tokenizer
+from nanogpt_hf.evaluation import BENCHMARKS, STANDARD_TASKS, autocast_dtype, check_device, describe_chars, \
+    evaluate_loss, lambada_accuracy, lm_eval_benchmarks, load_benchmark, max_context, sliding_window_perplexity, \
+    unknown_chars
+from nanogpt_hf.guards import check_same_tokenizer
 from nanogpt_hf.loading import load_model
+from nanogpt_hf.train_config import read_yaml
 
 RESULTS = "eval_results.json"  # in a local --model folder: the file its model card reads
 
@@ -82,12 +84,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.config:
         path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        data = read_yaml(path) or {}  # safe, a repeated key refused
         actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected 'key: value' lines")
@@ -132,6 +129,8 @@ def run(args, accelerator):
         references = parse_reference(args.reference_loss)
         for split in [s.strip() for s in args.split.split(",") if s.strip()]:
             shards = TokenShards(args.data_dir, split)
+            shards.check_vocab(model.config.vocab_size)  # ids the model has no row for: refused, not an IndexError
+            check_same_tokenizer(args.model, load_tokenizer(args.data_dir), f"--model {args.model}", args.data_dir)
             r = evaluate_loss(model, shards, args.batch_size, block_size, eval_iters=eval_iters, full=args.full,
                               accelerator=accelerator, seed=args.seed, dtype=dtype, progress=show)
             r.update(dataset=shards.meta.get("dataset"), block_size=block_size, batch_size=args.batch_size,
@@ -231,6 +230,7 @@ def write_results(args, results):
         print(f"model card: {card}")
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -238,6 +238,8 @@ def main(argv=None):
             raise ValueError("--eval_iters, --batch_size and --stride must be >= 1")
         if not args.data_dir and not args.benchmarks and not any(getattr(args, f"{b}_file") for b in BENCHMARKS):
             raise ValueError("nothing to evaluate: pass --data_dir and/or --benchmarks (or a --<benchmark>_file)")
+        if args.device:
+            check_device(args.device)
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=args.device == "cpu")

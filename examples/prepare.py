@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from nanogpt_hf.cli import error_boundary
 from nanogpt_hf.prepare import DEFAULT_SEED, DEFAULT_SHARD_SIZE, prepare_dataset
 from nanogpt_hf.sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS
 
@@ -71,6 +72,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
     try:

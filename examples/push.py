@@ -14,9 +14,11 @@ The out_dir is only read: the model card is rendered on the fly and nothing is w
 import argparse
 import sys
 
+from nanogpt_hf.cli import error_boundary
 from nanogpt_hf.hub import HubError, push_data_dir, push_dir, push_gpt2
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="a trained out_dir (or, with --dataset, a prepared data_dir)")

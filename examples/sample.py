@@ -15,6 +15,7 @@ token seeing at least block_size/2 tokens). ALiBi/RoPE models generate straight 
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,9 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 from transformers import TextStreamer, set_seed
 
-from nanogpt_hf.evaluation import autocast, autocast_dtype, context_limit, default_device, describe_chars, \
-    generate_cropped, static_decoding, unknown_chars
+from nanogpt_hf.cli import error_boundary
+from nanogpt_hf.evaluation import autocast, autocast_dtype, check_device, context_limit, default_device, \
+    describe_chars, generate_cropped, static_decoding, unknown_chars
 from nanogpt_hf.loading import load_model
+
+
+MAX_NEW_TOKENS = 1_000_000  # per sample: a bound, so a typo'd 1000000000 is an error and not a day of generating
 
 
 def parse_args(argv=None):
@@ -81,6 +86,7 @@ class PlainStreamer(TextStreamer):
         print(text, end="", flush=True)
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -90,7 +96,12 @@ def main(argv=None):
             raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
         if args.top_k < 0:
             raise ValueError(f"--top_k must be >= 0 (0: all tokens), got {args.top_k}")
-        device = args.device or default_device()
+        if args.max_new_tokens > MAX_NEW_TOKENS:
+            raise ValueError(f"--max_new_tokens {args.max_new_tokens}: at most {MAX_NEW_TOKENS:,} (a sample that "
+                             "long takes hours on a GPU); generate in several runs")
+        if not math.isfinite(args.temperature) or (args.top_p is not None and not math.isfinite(args.top_p)):
+            raise ValueError("--temperature and --top_p must be finite numbers")
+        device = str(check_device(args.device)) if args.device else default_device()
         dtype = autocast_dtype(device, args.dtype)
         prompt = read_prompt(args.start)
         model, tokenizer = load_model(args.model, device, trust_remote_code=args.trust_remote_code)

@@ -219,6 +219,14 @@ def read_state(folder):
             from None
 
 
+def run_of(folder):
+    """The run_id a checkpoint was written by (None: from before run ids, or unreadable)."""
+    try:
+        return json.loads((folder / "trainer_state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_latest(ckpt_root, log=print):
     """(folder, trainer state) of the newest checkpoint whose files match its manifest, or (None, None). Each
     damaged one on the way is reported in one line via log."""
@@ -279,8 +287,9 @@ def save(accelerator, model, optimizer, out_dir, state, keep=2, state_dict=None)
         errors[0] += f"; {kept}. Free space (or fix the permissions), then resume with --init_from resume"
     agree(accelerator, errors[0] if errors else None, CheckpointWriteError)
     if main:
-        for old in checkpoints(root)[keep:]:  # prune: keep the newest `keep`
-            shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints(root)[keep:]:  # prune: keep the newest `keep`, and only ever this run's
+            if run_of(old) in (None, state.get("run_id")):
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -15,12 +15,15 @@ Layout of a data_dir (meta.json is written last: a data_dir without it is not a 
     meta.json     format_version, dataset, source, tokenizer, vocab_size, dtype, split_by, eot_token_id (the id
                   appended after every document; null for one-text datasets and char level), splits
                   {train: {num_tokens, shards: [{file, num_tokens, bytes, max_token_id}, ...]}, val: ...}
+                  tokenizer_hash (data.tokenizer_hash of tokenizer/; data prepared before it has none); read_meta
+                  checks all of it against this schema
     tokenizer/    AutoTokenizer.from_pretrained(data_dir + "/tokenizer") works
     train_000.bin train_001.bin ... val_000.bin   each at most shard_size tokens; read them as one stream
 With format "llmc" (format_version 2): NAME_train_000000.bin ... with llm.c's 1 KB header, the EOT before each
 document (eot_position "before"). A folder of llm.c shards without meta.json reads as GPT-2 tokens.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -119,9 +122,64 @@ def read_meta(data_dir):
         raise ValueError(f"{path}: unsupported shard format {meta['format']!r}")
     if dtype not in DTYPES:
         raise ValueError(f"{path}: unsupported dtype {dtype!r} (expected one of {DTYPES})")
-    if not 0 < vocab_size <= np.iinfo(dtype).max + 1:
-        raise ValueError(f"{path}: vocab_size {vocab_size} does not fit dtype {dtype}")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 0 < vocab_size <= np.iinfo(dtype).max + 1:
+        raise ValueError(f"{path}: vocab_size {vocab_size!r} is not a whole number that fits dtype {dtype}; "
+                         "prepare the data again")
+    check_meta(meta, path)
     return meta
+
+
+def _whole(value, low=0, high=None):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value < high)
+
+
+def check_meta(meta, path):
+    """The rest of meta.json's schema, checked once where it is read: eot_token_id and tokenizer_hash, each split a
+    list of shards whose file is a plain name in the folder, a regular file of the size its num_tokens says, and
+    whose recorded max_token_id is inside the vocab. ValueError naming the file and the key."""
+    vocab, data_dir = meta["vocab_size"], Path(path).parent
+
+    def bad(what):
+        return ValueError(f"{path}: {what}; prepare the data again")
+
+    if meta.get("eot_token_id") is not None and not _whole(meta["eot_token_id"], 0, vocab):
+        raise bad(f"eot_token_id {meta['eot_token_id']!r} is not a token id below vocab_size {vocab}")
+    if not isinstance(meta.get("tokenizer_hash", ""), (str, type(None))):
+        raise bad(f"tokenizer_hash {meta['tokenizer_hash']!r} is not a string")
+    if not isinstance(meta["splits"], dict) or not meta["splits"]:
+        raise bad("'splits' is not a mapping of split names to their shards")
+    header = LLMC_HEADER_BYTES if meta.get("format") == "llmc" else 0
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, info in meta["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise bad(f"split {split!r} has no list of 'shards'")
+        for i, sh in enumerate(info["shards"]):
+            where = f"splits.{split}.shards[{i}]"
+            if not isinstance(sh, dict) or not isinstance(sh.get("file"), str) or not _whole(sh.get("num_tokens")):
+                raise bad(f"{where} needs a 'file' name and a whole 'num_tokens'")
+            if Path(sh["file"]).name != sh["file"] or sh["file"] in ("", ".", ".."):  # never read outside data_dir
+                raise bad(f"{where}: file {sh['file']!r} is not a plain file name inside the data_dir")
+            if sh.get("max_token_id") is not None and not _whole(sh["max_token_id"], 0, vocab):
+                raise bad(f"{where}: max_token_id {sh['max_token_id']!r} is not a token id below vocab_size {vocab}")
+            shard = data_dir / sh["file"]
+            size = shard.stat().st_size if shard.is_file() else None  # is_file: a regular file (or a link to one)
+            if size != header + sh["num_tokens"] * itemsize:
+                raise ValueError(f"shard {shard} is {'missing' if size is None else f'{size} bytes'}, meta.json says "
+                                 f"{sh['num_tokens']} {meta['dtype']} tokens"
+                                 + (f" after a {header}-byte header" if header else "") + "; prepare the data again")
+
+
+class TokenizerMismatch(ValueError):
+    """A data_dir's tokenizer/ is not the one its shards were made with (meta.json's tokenizer_hash)."""
+
+
+def tokenizer_hash(tokenizer):
+    """A short hash of a tokenizer's vocabulary (token -> id), or None without a tokenizer: recorded in meta.json
+    at prepare time, and in checkpoints; the same size is not the same vocab."""
+    if tokenizer is None:
+        return None
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def scan_max_token_id(shard, chunk=1 << 24):
@@ -130,6 +188,7 @@ def scan_max_token_id(shard, chunk=1 << 24):
 
 
 _SCANNED = {}  # llm.c shard path -> its largest token id
+SAMPLED_IDS = 4096  # ids read per shard at open (strided): a shard of random bytes fails there, not in training
 
 
 class TokenShards:
@@ -143,17 +202,17 @@ class TokenShards:
             raise ValueError(f"{data_dir} has no {split!r} split (it has {list(self.meta['splits'])})")
         self.dtype = np.dtype(self.meta["dtype"])
         header = LLMC_HEADER_BYTES if self.meta.get("format") == "llmc" else 0
-        self.shards = []
-        for sh in self.meta["splits"][split]["shards"]:
+        self.shards, self.paths = [], []
+        for sh in self.meta["splits"][split]["shards"]:  # read_meta checked each one's size
             path = self.data_dir / sh["file"]
-            size = path.stat().st_size if path.is_file() else None
-            if size != header + sh["num_tokens"] * self.dtype.itemsize:
-                raise ValueError(f"shard {path} is {'missing' if size is None else f'{size} bytes'}, meta.json "
-                                 f"says {sh['num_tokens']} {self.dtype} tokens"
-                                 + (f" after a {header}-byte header" if header else "") + "; prepare the data again")
             # one memmap per shard for the reader's lifetime: pages are file-backed and shared (the RSS growth
             # nanoGPT avoided by re-opening is page cache the kernel can drop, not a leak)
-            self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", offset=header, shape=(sh["num_tokens"],)))
+            shard = np.memmap(path, dtype=self.dtype, mode="r", offset=header, shape=(sh["num_tokens"],)) \
+                if sh["num_tokens"] else np.zeros(0, self.dtype)
+            self._check_ids(shard[np.linspace(0, len(shard) - 1, min(len(shard), SAMPLED_IDS)).astype(np.int64)]
+                            if len(shard) else shard, path)  # a strided sample: random bytes show at once
+            self.shards.append(shard)
+            self.paths.append(path)
         # chat data (nanogpt_hf/chat_data.py): a uint8 loss mask per token, in parallel files, and conversations
         # padded to rows of row_len tokens: windows start at a row, and y is -100 where the mask is 0
         self.masks, self.row_len = None, self.meta.get("row_len")
@@ -163,6 +222,14 @@ class TokenShards:
         self.bounds = np.cumsum([0] + [len(s) for s in self.shards])  # (num_shards+1,) start of each shard
         self.num_tokens = int(self.bounds[-1])
         self._split_key = zlib.crc32(split.encode())  # decorrelates the train and val draws of a step
+
+    def _check_ids(self, ids, path):
+        """Every id in ids must be below vocab_size (the embedding would fail with an IndexError, or a larger
+        model's would train on garbage): else one line naming the shard."""
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"shard {path} holds token id {int(ids.max())}, beyond meta.json's vocab_size "
+                             f"{self.vocab_size}: it is damaged or was not made with this tokenizer; prepare the "
+                             "data again")
 
     @property
     def vocab_size(self):
@@ -230,8 +297,13 @@ class TokenShards:
         return out
 
     def _windows(self, starts, length, device):
+        """(B,) start offsets -> (x, y) on device, bound-checked against the vocab."""
+        windows = self._gather(starts, length)  # (B, length)
+        if windows.max(initial=0) >= self.vocab_size:  # the bound check: one max over the batch, ~1 us
+            row = int(np.argmax(windows.max(axis=1)))
+            self._check_ids(windows[row], self.paths[np.searchsorted(self.bounds, starts[row], side="right") - 1])
         mask = None if self.masks is None else self._gather(starts, length, self.masks)
-        return self._to_torch(self._gather(starts, length), device, mask)
+        return self._to_torch(windows, device, mask)
 
     @staticmethod
     def _to_torch(windows, device, mask=None):
@@ -286,7 +358,8 @@ class TokenShards:
 
 
 def load_tokenizer(path):
-    """The tokenizer of a prepared data_dir (data_dir/tokenizer), or of a tokenizer/model folder."""
+    """The tokenizer of a prepared data_dir (data_dir/tokenizer; the one meta.json's tokenizer_hash names, where
+    recorded), or of a tokenizer/model folder."""
     path = Path(path)
     tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
     if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
@@ -296,5 +369,12 @@ def load_tokenizer(path):
             f"no tokenizer in {path} (expected {path}/tokenizer/tokenizer.json); prepare the data with "
             "examples/prepare.py"
         )
-    return load_pretrained_tokenizer(tok_dir)
+    tokenizer = load_pretrained_tokenizer(tok_dir)
+    meta_path = path / "meta.json"
+    recorded = read_meta(path).get("tokenizer_hash") if tok_dir != path and meta_path.is_file() else None
+    if recorded is not None and tokenizer_hash(tokenizer) != recorded:  # a tokenizer/ swapped after prepare
+        raise TokenizerMismatch(f"{tok_dir} is not the tokenizer {path}'s shards were made with (vocab hash "
+                         f"{tokenizer_hash(tokenizer)}, meta.json records {recorded}): the ids would decode to other "
+                         "text; restore it or prepare the data again")
+    return tokenizer
 

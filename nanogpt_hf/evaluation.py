@@ -53,6 +53,23 @@ def default_device():
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def check_device(device, flag="--device"):
+    """--device -> a torch.device that exists here; ValueError naming the flag otherwise (cuda without a GPU, a
+    GPU index past the last one, a typo), before any model is loaded onto it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {device}: not a device (cpu | cuda | cuda:1 | mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise ValueError(f"{flag} {device}: this machine has {found}; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {device}: only cpu, cuda and mps are supported")
+    return dev
+
+
 def autocast_dtype(device, dtype="auto"):
     """--dtype -> the torch dtype to autocast to, or None for plain float32 (nanoGPT: bf16 where supported,
     else fp16, on CUDA; float32 elsewhere)."""

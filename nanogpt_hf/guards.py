@@ -19,7 +19,6 @@ checkpoint.py (which uses agree and write_error) and knows nothing about the che
 """
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -37,18 +37,14 @@ from huggingface_hub import get_token
 from transformers import AutoTokenizer
 
 from .chat import extends
+from .cli import Interrupted
+from .data import tokenizer_hash
 from .train_config import ARCHITECTURE, TrainConfig
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-EXIT_CODES = {int(s): 128 + int(s) for s in STOP_SIGNALS}  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1 (Linux numbers)
-
-
-class Interrupted(Exception):
-    """A stop signal ended the run after a checkpoint; exit_code is 128 + the signal's number."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
+# SIGHUP: the terminal closed or the ssh connection dropped; SIGUSR2: what some schedulers send instead of USR1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2)
+EXIT_CODES = {int(s): 128 + int(s) for s in STOP_SIGNALS}  # 130 INT, 143 TERM, 138 USR1, 129 HUP, 140 USR2 (Linux)
+RUN_MARKER = ".nanogpt_hf_run.json"  # in out_dir: this folder holds our run (its id), so we may write and prune
 
 
 # -----------------------------------------------------------------------------
@@ -78,7 +74,9 @@ def write_error(e):
 
 def first_line(e):
     """An exception as one line: its type and the first line of its message."""
-    lines = str(e).strip().splitlines()
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Validation error for ...:" and the cause on the next line
+        lines[0] = f"{lines[0]} {lines[1]}"
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
@@ -154,13 +152,59 @@ class OutDirLock:
         self.release()
 
 
-def claim_out_dir(out_dir, lock):
-    """Main process: create out_dir and take its lock. None, or the one-line reason why not."""
+def claim_out_dir(out_dir, lock, cfg=None):
+    """Main process: create out_dir, take its lock and (cfg given) make sure it is ours (check_owner). None, or the
+    one-line reason why not."""
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"--out_dir {out_dir}: cannot create it ({write_error(e)})"
-    return lock.acquire()
+    return lock.acquire() or (check_owner(out_dir, cfg) if cfg is not None else None)
+
+
+def run_id(out_dir):
+    """The id of the run out_dir holds (its RUN_MARKER), or None."""
+    try:
+        return json.loads((Path(out_dir) / RUN_MARKER).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_owner(out_dir, cfg):
+    """Never write into what isn't ours. out_dir must be empty, or hold a run of ours (RUN_MARKER; or, from before
+    markers, a train_config.json or checkpoints/): a new run into one that holds checkpoints is refused unless
+    --init_from resume (continue it) or --overwrite (its checkpoints go). A fresh run writes a new marker, so the
+    run's checkpoints are told from any other's. None, or the one-line reason."""
+    out_dir = Path(out_dir)
+    present = {p.name for p in out_dir.iterdir()} - {".lock", RUN_MARKER}
+    ours = run_id(out_dir) is not None or bool({"train_config.json", "checkpoints"} & present)
+    if present and not ours:
+        shown = ", ".join(sorted(present)[:3]) + (", ..." if len(present) > 3 else "")
+        return (f"--out_dir {out_dir} is not empty and holds no nanogpt_hf run ({shown}): training would overwrite "
+                "those files; use a new or empty folder")
+    old = ckpt_folders(out_dir)
+    if cfg.init_from == "resume" or cfg.eval_only:
+        if run_id(out_dir) is None and cfg.init_from == "resume":  # a run from before markers: adopt it
+            _write_marker(out_dir)
+        return None
+    if old and not cfg.overwrite:
+        return (f"--out_dir {out_dir} holds another run's checkpoints ({old[0].name}, ...): continue it with "
+                "--init_from resume, replace it with --overwrite, or use another --out_dir")
+    for folder in old:  # --overwrite: the old run's checkpoints go (they would be pruned or resumed by mistake)
+        shutil.rmtree(folder, ignore_errors=True)
+    _write_marker(out_dir)
+    return None
+
+
+def ckpt_folders(out_dir):
+    """The finished checkpoint folders in out_dir/checkpoints (a killed run's step_N.tmp is removed at start)."""
+    root = Path(out_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
+                  reverse=True) if root.is_dir() else []
+
+
+def _write_marker(out_dir):
+    (Path(out_dir) / RUN_MARKER).write_text(json.dumps({"run_id": uuid.uuid4().hex, "started": time.time()}) + "\n")
 
 
 def checkpoint_bytes(num_params):
@@ -256,14 +300,6 @@ class StopSignals:
 # the tokenizer's identity: the same vocab size is not the same vocab
 
 
-def tokenizer_hash(tokenizer):
-    """A short hash of a tokenizer's vocabulary (token -> id), or None without a tokenizer."""
-    if tokenizer is None:
-        return None
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
 def check_same_tokenizer(model_dir, tokenizer, flag, data_dir):
     """A local model dir with a tokenizer (a train.py out_dir) must have the data's tokenizer; ValueError naming
     both otherwise. Hub ids and folders without one are not checked (nothing to compare without a download)."""
@@ -307,6 +343,20 @@ def check_resumable(state, cfg, data, ckpt_dir, tokenizer_hash=None):
                          "checkpoint's settings, or start a new run in another --out_dir")
 
 
+# what a resumed run may change (the rest must match: check_resumable); a change is printed and recorded
+RESUME_VISIBLE = ("batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "min_lr", "warmup_iters",
+                  "lr_decay_iters", "max_iters", "decay_lr", "batch_size_warmup_iters", "batch_size_warmup_start",
+                  "weight_decay", "grad_clip", "muon_learning_rate", "dropout", "nan_policy", "mixed_precision")
+
+
+def resume_changes(saved, cfg, saved_world, world):
+    """{setting: [checkpoint's, now]} of what this resume changes among RESUME_VISIBLE and the process count."""
+    changes = {k: [saved[k], getattr(cfg, k)] for k in RESUME_VISIBLE if k in saved and saved[k] != getattr(cfg, k)}
+    if saved_world != world:
+        changes["processes"] = [saved_world, world]
+    return changes
+
+
 def check_skipped(skipped, it, cfg):
     """--nan_policy skip: stop when more than max_skipped_share of the updates so far were skipped. (The trainer
     adds to every FloatingPointError what there is to resume from.)"""
@@ -317,5 +367,6 @@ def check_skipped(skipped, it, cfg):
 
 
 __all__ = ["agree", "write_error", "first_line", "check_launch", "check_push", "OutDirLock", "claim_out_dir",
-           "checkpoint_bytes", "check_room", "StopSignals", "Interrupted", "STOP_SIGNALS", "EXIT_CODES",
-           "tokenizer_hash", "check_same_tokenizer", "check_resumable", "check_skipped"]
+           "check_owner", "run_id", "RUN_MARKER", "checkpoint_bytes", "check_room", "StopSignals", "Interrupted",
+           "STOP_SIGNALS", "EXIT_CODES", "tokenizer_hash", "check_same_tokenizer", "check_resumable", "resume_changes",
+           "RESUME_VISIBLE", "check_skipped"]

@@ -98,16 +98,85 @@ def _reason(e: BaseException, endpoint: str) -> str:
     return f"{type(e).__name__}: {first}"
 
 
+# every Hub call is bounded: each request by connect/read timeouts (s), all attempts of one push or download together
+# by a deadline (s), so a server that accepts the connection and never answers can't hang push.py or train's end
+HUB_TIMEOUT_ENV, HUB_DEADLINE_ENV = "NANOGPT_HUB_TIMEOUT", "NANOGPT_HUB_DEADLINE"
+
+
+def hub_limits() -> tuple[float, float]:
+    """(per-request timeout, total deadline) in seconds: NANOGPT_HUB_TIMEOUT (default 60) and NANOGPT_HUB_DEADLINE
+    (default 1800)."""
+    import os
+
+    def seconds(name, default):
+        try:
+            value = float(os.environ.get(name, default))
+        except ValueError:
+            raise ValueError(f"{name} must be a number of seconds, got {os.environ[name]!r}") from None
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be > 0 seconds, got {value}")
+        return value
+
+    return seconds(HUB_TIMEOUT_ENV, 60), seconds(HUB_DEADLINE_ENV, 1800)
+
+
+def bound_requests():
+    """huggingface_hub's default HTTP client waits forever (timeout=None): give it connect/read timeouts. A client
+    factory set by the user (huggingface_hub.set_client_factory) is left alone."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    if getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) is not _http.default_client_factory:
+        return
+    timeout = hub_limits()[0]
+
+    def bounded_client():
+        client = _http.default_client_factory()
+        client.timeout = type(client.timeout)(timeout, connect=min(timeout, 10.0))  # httpx's Timeout
+        return client
+
+    huggingface_hub.set_client_factory(bounded_client)
+
+
+def _before(deadline: float, fn: Callable):
+    """fn() in a daemon thread, given up at the deadline (time.monotonic()) with a TimeoutError; its result or
+    exception otherwise. A thread stuck in a socket can't be killed, but a daemon one doesn't keep the process."""
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(_outcome(fn)), name="nanogpt_hf-hub-call", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not box:
+        raise TimeoutError("no answer before the deadline")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _outcome(fn):
+    try:
+        return True, fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+        return False, e
+
+
 def _with_retries(fn: Callable, what: str, endpoint: str, retries: int, backoff: float, log: Callable):
-    """fn() with up to `retries` retries on transient errors (backoff, 2*backoff, ...); HubError when it gives up."""
+    """fn() with up to `retries` retries on transient errors (backoff, 2*backoff, ...), all within the total deadline
+    (hub_limits); HubError when it gives up."""
+    bound_requests()
+    total = hub_limits()[1]
+    deadline = time.monotonic() + total
     for attempt in range(retries + 1):
         try:
-            return fn()
+            return _before(deadline, fn)
         except HubError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes one readable line
+            if time.monotonic() >= deadline:
+                raise HubError(f"{what} failed: no answer from {endpoint} within {total:g} s (the deadline: set "
+                               f"{HUB_DEADLINE_ENV} to wait longer)") from e
             if attempt < retries and _is_transient(e):
-                delay = backoff * 2**attempt
+                delay = min(backoff * 2**attempt, deadline - time.monotonic())
                 log(f"hub: {what}: {_reason(e, endpoint)}; retry {attempt + 1}/{retries} in {delay:.1f}s")
                 time.sleep(delay)
                 continue
@@ -312,6 +381,12 @@ class BackgroundPusher:
                     self._busy = False
                     self._cond.notify_all()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a push is queued or under way."""
+        with self._cond:
+            return self._busy or self._pending is not None
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until queued pushes are done (at most `timeout` s); True if they are and the last one succeeded."""
         with self._cond:
@@ -338,6 +413,7 @@ def check_hub_name(name, flag, timeout=5.0) -> dict:
         raise ValueError(f"{flag} {name}: not a local folder, and not a valid Hub id (namespace/name)") from None
     if constants.HF_HUB_OFFLINE:
         return {}
+    bound_requests()  # the download that follows gets connect/read timeouts too
     endpoint = constants.ENDPOINT
     try:
         HfApi(endpoint=endpoint).model_info(name, timeout=timeout)

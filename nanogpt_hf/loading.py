@@ -13,8 +13,13 @@ is "no such folder" at once, without a trip to the Hub; a Hub id gets one quick 
 not a minute of download retries.
 """
 
+import contextlib
 import os
+import pickle
+import types
 
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
@@ -50,27 +55,66 @@ def _source(name, flag):
     return name, check_hub_name(name, flag)
 
 
+# what reading a damaged, truncated, pickled or mismatched weights file raises (RuntimeError: load_state_dict's
+# size mismatches; EOFError / UnpicklingError: a truncated or refused pickle, weights_only=True)
+# StrictDataclassError: a config.json value NanoGPTConfig's validators refuse (a negative size, a string);
+# KeyError: torch.load on a file that is no checkpoint at all (a text file read as a legacy pickle), or a ckpt.pt
+# without nanoGPT's keys
+WEIGHT_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError,
+                 StrictDataclassError)
+
+
+@contextlib.contextmanager
+def reading_weights(name, flag, source=None):
+    """Every model file is read inside this: what a bad file raises becomes one ValueError naming the flag and the
+    path (and what was wrong), instead of a library's traceback."""
+    try:
+        yield
+    except WEIGHT_ERRORS as e:
+        raise _cannot_load(str(name), flag, source or str(name), e) from None
+
+
+def check_model_config(config, where):
+    """A model config's sizes: whole numbers >= 1 (a hand-edited config.json with a negative size fails here, in
+    one line, not in torch), and weights that fit in this machine's memory (a million layers are refused before
+    allocating them)."""
+    sizes = {k: getattr(config, k, None) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size",
+                                                    "num_hidden_layers", "hidden_size", "num_attention_heads")}
+    for key, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+    layers = sizes["n_layer"] or sizes["num_hidden_layers"] or 0
+    width = sizes["n_embd"] or sizes["hidden_size"] or 0
+    params = 12 * layers * width ** 2 + (sizes["vocab_size"] or 0) * width  # GPT-2's count, embeddings included
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and params * 4 > memory:
+        raise ValueError(f"{where}: {layers} layers of width {width} are ~{params / 1e9:.1f}B parameters, "
+                         f"{params * 4 / 2**30:.0f} GiB in float32: more than this machine's {memory / 2**30:.0f} GiB "
+                         "of memory")
+
+
 def _load(name, flag, nanogpt, trust_remote_code, config):
     """(model, source, hub kwargs); see load_pretrained."""
     name = str(name)
     if name.endswith(".pt"):  # a checkpoint of the original nanoGPT (weights_only: no pickled code runs)
         if not os.path.isfile(os.path.expanduser(name)):
             raise FileNotFoundError(f"{flag} {name}: no such file (expected a nanoGPT ckpt.pt)")
-        return NanoGPTForCausalLM.from_nanogpt_checkpoint(os.path.expanduser(name), **config), name, {}
+        with reading_weights(name, flag):
+            return NanoGPTForCausalLM.from_nanogpt_checkpoint(os.path.expanduser(name), **config), name, {}
     source, hub = _source(name, flag)
     try:
-        model_type = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub).model_type
-    except (OSError, ValueError) as e:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, TypeError, StrictDataclassError) as e:  # a config.json that isn't one
         raise _cannot_load(name, flag, source, e) from None
+    model_type = model_config.model_type
     if nanogpt and model_type not in ("nanogpt", "gpt2"):
         raise ValueError(f"{flag} {name} is a {model_type!r} model; nanogpt or gpt2 expected")
-    try:
+    check_model_config(model_config, f"{flag} {name}")
+    with reading_weights(name, flag, source):
         if name in GPT2_MODELS or (nanogpt and model_type == "gpt2"):  # GPT-2 weights converted, as nanoGPT does
             model = NanoGPTForCausalLM.from_gpt2(GPT2LMHeadModel.from_pretrained(source, **hub), **config)
         else:  # our model type loads with our code (registered with the Auto classes), others as they are
             model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **config, **hub)
-    except (OSError, ValueError) as e:
-        raise _cannot_load(name, flag, source, e) from None
     return model, source, hub
 
 
@@ -79,7 +123,7 @@ def _cannot_load(name, flag, source, e):
         return ValueError(f"{flag} {name}: cannot download OpenAI's GPT-2 weights ({first_line(e)}); this needs the "
                           "network once, or a Hugging Face cache that holds them")
     hint = " (pass --trust_remote_code if you trust its code)" if "trust_remote_code" in str(e) else ""
-    where = "folder" if os.path.isdir(source) else "Hub model"
+    where = "folder" if os.path.isdir(source) else "file" if os.path.isfile(source) else "Hub model"
     return ValueError(f"{flag} {name}: could not load it as a {where} ({first_line(e)}){hint}")
 
 
@@ -118,6 +162,8 @@ def load_model(name, device="cpu", trust_remote_code=False, flag="--model"):
 def new_model(cfg, data, log=print):
     """init_from scratch: a model of cfg's shape, its vocab the data's (rounded up to cfg.vocab_multiple)."""
     vocab_size = -(-data.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple  # round up
+    check_model_config(types.SimpleNamespace(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size),
+                       "--n_layer/--n_embd")
     log(f"found vocab_size = {data.vocab_size} (inside {data.data_dir / 'meta.json'})"
         + (f", model vocab_size {vocab_size}" if vocab_size != data.vocab_size else ""))
     return NanoGPTForCausalLM(NanoGPTConfig(
@@ -128,8 +174,11 @@ def new_model(cfg, data, log=print):
 
 def checkpoint_model(ckpt_dir, **config):
     """The weights of one of our checkpoints (checkpoint.py), on the model config saved with them."""
-    model = NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(ckpt_dir, **config))
-    missing, unexpected = model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=False)
+    with reading_weights(ckpt_dir / "model.safetensors", "--init_from resume"):
+        model_config = NanoGPTConfig.from_pretrained(ckpt_dir, **config)
+        check_model_config(model_config, f"checkpoint {ckpt_dir}")
+        model = NanoGPTForCausalLM(model_config)
+        missing, unexpected = model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to wte and saved once
         raise ValueError(f"{ckpt_dir}: weights don't fit the model (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
@@ -176,4 +225,5 @@ def build_model(cfg, data, resume_dir=None, lora_base=None, tokenizer=None, log=
     return model
 
 
-__all__ = ["load_pretrained", "load_model", "build_model", "new_model", "checkpoint_model", "no_such_folder"]
+__all__ = ["load_pretrained", "reading_weights", "check_model_config", "load_model", "build_model", "new_model",
+           "checkpoint_model", "no_such_folder"]

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from . import __version__
 from .checkpoint import CheckpointWriteError, apply_umask, describe_newest, full_state_dict, quiet_progress, saving
@@ -136,18 +136,33 @@ def final_results(state, out_dir):
 # samples
 
 
+class OnStopSignal(StoppingCriteria):
+    """generate() stops at the next token once a stop signal came (StopSignals.requested)."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.stop.requested, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
-def print_samples(out_dir, n, accelerator, max_new_tokens=500, temperature=0.8, top_k=200):
+def print_samples(out_dir, n, accelerator, max_new_tokens=500, temperature=0.8, top_k=200, stop=None):
     """n samples from the saved model, loaded with plain transformers (which proves out_dir loads), with
-    sample.py's settings and its context cropping, so samples may be longer than block_size."""
+    sample.py's settings and its context cropping, so samples may be longer than block_size. stop: the run's
+    StopSignals; a signal ends the sampling within a token (the run's checkpoint is already written)."""
+    halt = StoppingCriteriaList([OnStopSignal(stop)] if stop is not None else [])
     with quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(out_dir).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     idx = torch.tensor([tokenizer.encode("\n", add_special_tokens=False) or [0]], device=model.device)  # (1, t)
     for _ in range(n):
+        if stop is not None and stop.requested:
+            return
         with accelerator.autocast():
             out = generate_cropped(model, idx, max_new_tokens, context_limit(model), do_sample=True,
-                                   temperature=temperature, top_k=top_k, pad_token_id=model.config.eos_token_id)
+                                   temperature=temperature, top_k=top_k, pad_token_id=model.config.eos_token_id,
+                                   stopping_criteria=halt)
         print(tokenizer.decode(out[0].tolist()))
         print("---------------")
 

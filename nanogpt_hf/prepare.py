@@ -28,7 +28,7 @@ from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
 from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, load_tokenizer, shard_name, \
-    token_dtype
+    token_dtype, tokenizer_hash
 from .sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS, text_sources, texts
 from .tokenization import GPT2_EOT, build_char_tokenizer, char_vocab, compression, default_unk_char, gpt2_tokenizer, \
     is_byte_level_bpe, load_pretrained_tokenizer, tiktoken_gpt2, train_bpe
@@ -372,7 +372,7 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         raise ValueError("--shard_size and --num_proc must be >= 1 and --seed >= 0")
     if format not in ("nanogpt", "llmc"):
         raise ValueError(f"--format must be nanogpt or llmc, got {format!r}")
-    num_proc = num_proc or default_num_proc()
+    num_proc = cap_num_proc(num_proc)
     data_dir = Path(data_dir or Path("data") / dataset)
     _check_overwrite(data_dir, dataset, tokenizer, overwrite)
     streaming = recipe.get("streaming", False) if streaming is None else streaming
@@ -408,6 +408,7 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         meta.update(split_by="documents (the first val_tokens tokens are val)", val_tokens=limits["val"])
     if tokenizer == "char":
         meta["unk_char"] = default_unk_char(char_vocab(tok))  # what unknown characters are encoded as
+    meta["tokenizer_hash"] = tokenizer_hash(tok)  # readers refuse a tokenizer/ swapped for another of the same size
     if tokenizer == "bpe":
         meta.update(tokenizer_from=str(tokenizer_from) if tokenizer_from else None,
                     compression=compression(tok, list(texts(src["rows"]["val"], COMPRESSION_BYTES)))
@@ -429,6 +430,15 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
             lock.close()
     _report(meta, data_dir, num_proc, time.time() - t0)
     return meta
+
+
+def cap_num_proc(num_proc):
+    """--num_proc -> the worker count: all cores by default, and never more (1000 forked workers only thrash)."""
+    cores = default_num_proc()
+    if num_proc is not None and num_proc > cores:
+        print(f"note: --num_proc {num_proc} is more than the {cores} cores here; using {cores}")
+        return cores
+    return num_proc or cores
 
 
 def default_num_proc():

@@ -151,18 +151,36 @@ def _chars(pieces, start, stop=None):
             return
 
 
+MAX_ROW_CHARS = 64 * CHUNK_CHARS  # 4M chars: a row is cut here even without whitespace, so memory stays bounded
+
+
+def next_cut(text, i, size=CHUNK_CHARS, final=False):
+    """Where the row starting at text[i] ends: at the first CUT at or past i + size, and at i + MAX_ROW_CHARS at
+    the latest (text without whitespace: the one place where the tokens may differ from the whole text's, once
+    every 4M characters). None when the text ends before either and more may follow; len(text) when final."""
+    limit = i + max(size, MAX_ROW_CHARS)
+    m = CUT.search(text, i + size, limit)
+    if m:
+        return m.start()
+    if len(text) >= limit:
+        return limit
+    return len(text) if final else None
+
+
 def chunk_stream(pieces, size=CHUNK_CHARS):
-    """A text given as a stream of str pieces -> its rows of about `size` characters (see the top), the same
-    whatever the pieces, in memory bounded by one piece plus one row (a cut depends only on the two characters
-    around it)."""
+    """A text given as a stream of str pieces -> its rows of about `size` characters (see the top; at most
+    MAX_ROW_CHARS), the same whatever the pieces, in memory bounded by one piece plus one row (a cut depends only
+    on the two characters around it)."""
     buf, i = "", 0
     for piece in pieces:
         buf, i = buf[i:] + piece, 0
-        while len(buf) - i > size and (m := CUT.search(buf, i + size)):
-            yield buf[i:m.start()]
-            i = m.start()
-    if i < len(buf):
-        yield buf[i:]
+        while len(buf) - i > size and (j := next_cut(buf, i, size)) is not None:
+            yield buf[i:j]
+            i = j
+    while i < len(buf):
+        j = next_cut(buf, i, size, final=True)
+        yield buf[i:j]
+        i = j
 
 
 def chunk_text(text, size=CHUNK_CHARS):

@@ -16,6 +16,7 @@ The defaults are nanoGPT's train.py: GPT-2 small (124M) on OpenWebText, ~0.5M to
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import sys
@@ -115,6 +116,7 @@ class TrainConfig:
     push_interval: int = 0  # also push at the first eval after every this many iterations; 0: only at the end
     # testing
     debug_dump_dir: str | None = None  # each rank writes per-iteration batch and weight hashes here (jsonl)
+    overwrite: bool = False  # start a new run in an out_dir that holds another run's checkpoints (they are deleted)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # types (TrainConfig(n_layer="4") is fine, n_layer="x" is not)
@@ -133,6 +135,9 @@ class TrainConfig:
                     "checkpoint_minutes", "max_skipped_share"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
+        if not self.out_dir.strip() or not self.data_dir.strip():
+            raise ValueError("--out_dir and --data_dir must name a folder (an empty one would mean the current "
+                             "directory)")
         if self.max_iters == 0 and not self.eval_only:
             raise ValueError("--max_iters 0: nothing to train (an out_dir needs at least one iteration); to evaluate "
                              "a model use --eval_only with --init_from")
@@ -260,9 +265,13 @@ def coerce(key, value, where):
                 pass
     elif base is float and not isinstance(value, bool):
         try:
-            return float(value)  # YAML reads 6e-4 (no dot) as a string
+            number = float(value)  # YAML reads 6e-4 (no dot) as a string
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):  # nan passes every `< 0` check and switches guards off
+            raise ValueError(f"{where}: must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     return _type_error(where, base, value)
@@ -280,17 +289,40 @@ def _unknown(key, where):
     return ValueError(f"unknown key {key!r} in {where}{hint}" if where else f"unknown flag --{key}{hint}")
 
 
-def load_yaml(path):
-    """A YAML config file -> {key: typed value}; yaml.safe_load only (no code, no tags)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (the first would be "
+                                                        "ignored)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path):
+    """A YAML config file -> its data: safe loading only (no code, no tags), a repeated key refused; errors are
+    one line naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+
+
+def load_yaml(path):
+    """A YAML config file -> {key: typed value} (read_yaml)."""
+    path = Path(path)
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -340,4 +372,4 @@ def config_help():
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "parse_config", "load_yaml", "coerce", "config_help", "ARCHITECTURE"]
+__all__ = ["TrainConfig", "parse_config", "load_yaml", "read_yaml", "coerce", "config_help", "ARCHITECTURE"]

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import guards, outputs
 from .checkpoint import CHECKPOINT_SLEEP_ENV, find_checkpoint  # noqa: F401 (API)
-from .data import TokenShards, load_tokenizer
+from .data import TokenizerMismatch, TokenShards, load_tokenizer
 from .evaluation import evaluate_loss
 from .hub import BackgroundPusher, resolve_data_dir
 from .loading import build_model
@@ -123,6 +123,8 @@ class RunState:
     skipped_updates: int = 0  # updates skipped for a non-finite loss (--nan_policy skip)
     tokenizer_hash: str | None = None  # guards.tokenizer_hash of the data's tokenizer
     lora_base: str | None = None  # --lora_r: the model the adapters sit on (checkpoints hold only the adapters)
+    run_id: str | None = None  # out_dir's run (guards.RUN_MARKER): checkpoint.save prunes only this run's checkpoints
+    resumes: list = field(default_factory=list)  # {iter, changes: {setting: [old, new]}}: resumes that changed any
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -278,6 +280,8 @@ def load_data(cfg, accelerator, log=print):
     try:
         tokenizer = load_tokenizer(data_dir)
         tokenizer.model_max_length = cfg.block_size
+    except TokenizerMismatch:  # not a missing tokenizer: the wrong one, and the samples would be other text
+        raise
     except (OSError, ValueError) as e:
         log(f"warning: {e}; {cfg.out_dir} will have no tokenizer")
     world = accelerator.num_processes
@@ -378,7 +382,7 @@ def load_run_state(cfg, accelerator, data, tokenizer, log=print):
     if accelerator.is_main_process:
         ckpt.remove_unfinished_writes(out_dir)
     now = dict(config=cfg.to_dict(), data_vocab_size=data.vocab_size, world_size=accelerator.num_processes,
-               tokenizer_hash=guards.tokenizer_hash(tokenizer))
+               tokenizer_hash=guards.tokenizer_hash(tokenizer), run_id=guards.run_id(out_dir))
     state, ckpt_dir = RunState(**now), None
     if cfg.init_from == "resume":
         ckpt_dir, saved = ckpt.load_latest(out_dir / "checkpoints", log=log)
@@ -388,16 +392,25 @@ def load_run_state(cfg, accelerator, data, tokenizer, log=print):
         guards.check_resumable(saved, cfg, data, ckpt_dir, now["tokenizer_hash"])
         state = RunState.from_dict(saved, **now)
         log(f"resuming training from {ckpt_dir} (iter {state.iter})")
+        changes = guards.resume_changes(saved["config"], cfg, saved.get("world_size", 1), accelerator.num_processes)
+        if changes:  # allowed, but never silent: printed, and kept in every later checkpoint's history
+            log("resume changes: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+            state.resumes.append({"iter": state.iter, "changes": changes})
     if cfg.lora_r:  # what the adapters sit on: where the run started (LoRA checkpoints hold only the adapters)
         state.lora_base = state.lora_base or base_source(cfg)
     return state, ckpt_dir
 
 
-def push_final(pusher, message):
-    """The final push, waited for: a failed push was logged, and the final state is worth one more try."""
-    for attempt in range(2):
+def push_final(pusher, best_val_loss, it, stop):
+    """The final push (if pushing), waited for: a failed push was logged, and the final state is worth one more
+    try. Each push ends by hub.hub_limits's deadline however the server behaves; a stop signal ends the wait."""
+    message = f"nanogpt_hf: final model (best val loss {best_val_loss:.4f} at iter {it})"
+    for attempt in range(2 if pusher is not None else 0):
         pusher.push(message)
-        if pusher.wait(timeout=600):
+        while not pusher.wait(timeout=1.0):
+            if stop.requested or not pusher.busy:
+                break
+        if pusher.wait(timeout=0) or stop.requested:
             return
 
 
@@ -438,7 +451,7 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---------------------------------------------------------------------
         # out_dir (one run at a time; what a killed run left half-written goes), and the state to resume from
-        guards.agree(accelerator, guards.claim_out_dir(out_dir, lock) if master else None)
+        guards.agree(accelerator, guards.claim_out_dir(out_dir, lock, cfg) if master else None)
         state, ckpt_dir = load_run_state(cfg, accelerator, train_data, tokenizer, log=print0)
         t_start -= state.wall_time_s  # wall time counts all sessions of the run
 
@@ -552,11 +565,11 @@ def train(cfg: TrainConfig) -> dict:
                f"ms/iter, {results['tokens_per_s'] or 0:,} tokens/s (evaluation excluded); {out_dir} is ready")
         if dump is not None:
             dump.close()
-        if pusher is not None:
-            push_final(pusher, f"nanogpt_hf: final model (best val loss {state.best_val_loss:.4f} at iter "
-                               f"{results['iter']})")
+        push_final(pusher, state.best_val_loss, results["iter"], stop)
         if master and cfg.sample_at_end:
-            outputs.print_samples(out_dir, cfg.sample_at_end, accelerator)
+            outputs.print_samples(out_dir, cfg.sample_at_end, accelerator, stop=stop)
+        if stop.requested:  # during the final push or the samples: the run is complete and checkpointed; stop now
+            raise stop.interrupted(find_checkpoint(out_dir / "checkpoints"), state.iter)
         accelerator.wait_for_everyone()
         # the DDP wrapper goes first: its Reducer holds the process group, and freed only after end_training had
         # destroyed the group, its gloo destructor deadlocked at exit (seen in a 2-process CPU run, accelerate 1.6)

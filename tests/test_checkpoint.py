@@ -149,7 +149,8 @@ def test_all_checkpoints_damaged_is_one_line(two_checkpoints, char_data_dir, tmp
 
 # trainer_state.json as the trainer has written it since its first version (keys added later: the last three)
 STATE_KEYS = ["iter", "best_val_loss", "history", "tokens_seen", "train_time_s", "wall_time_s", "config",
-              "data_vocab_size", "world_size", "results", "skipped_updates", "tokenizer_hash", "lora_base"]
+              "data_vocab_size", "world_size", "results", "skipped_updates", "tokenizer_hash", "lora_base", "run_id",
+              "resumes"]  # run_id and resumes: issue 24 (out_dir ownership, visible resume changes)
 OLDEST_KEYS = STATE_KEYS[:10]
 
 

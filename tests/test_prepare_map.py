@@ -59,10 +59,12 @@ def golden_args(root, name):
 
 def digests(data_dir, root):
     """{file: sha256} of every shard, and of meta.json with the inputs' folder written as <root> and without
-    tokenizer_class (the class name of the saved tokenizer, which varies with the transformers version)."""
+    tokenizer_class (the class name of the saved tokenizer, which varies with the transformers version) and
+    tokenizer_hash (recorded since issue 24, after the golden digests)."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text().replace(str(root), "<root>"))
     meta.pop("tokenizer_class")
+    meta.pop("tokenizer_hash", None)
     out = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data_dir.glob("*.bin"))}
     out["meta.json"] = hashlib.sha256(json.dumps(meta, indent=2, ensure_ascii=False).encode()).hexdigest()
     return out
