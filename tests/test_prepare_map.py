@@ -141,11 +141,11 @@ def golden_root(tmp_path_factory, tiktoken_cache):
     return golden_inputs(tmp_path_factory.mktemp("golden"))
 
 
-@pytest.mark.parametrize("name, workers", [("char", False), ("gpt2", True), ("corpus_gpt2", True),
-                                           ("corpus_llmc", False), ("corpus_hf", True)])
+@pytest.mark.parametrize("name, workers", [("char", True), ("gpt2", True), ("corpus_gpt2", False),
+                                           ("corpus_llmc", True), ("corpus_hf", False)])
 def test_shards_are_the_bytes_of_the_writer_before_map(golden_root, tmp_path, monkeypatch, name, workers):
     """The .map path writes the same shards and meta.json as the hand-written writer it replaced; workers: the
-    .map runs on 2 processes (small inputs are otherwise mapped in process)."""
+    .map runs on 2 processes (small inputs, and HF tokenizers, are otherwise mapped in process)."""
     import nanogpt_hf.prepare as prepare
 
     if workers:
