@@ -28,6 +28,9 @@ MODELS = {
     "alibi": ("alibi", "char", 128, "remote code"),
     "learned-gpt2": ("learned", "char", 128, "gpt2 export"),
     "bpe-gpt2": ("learned", "gpt2", 64, "gpt2 export"),
+    # speed only, at the size of nanoGPT's shakespeare_char model (6 layers, 384 wide; untrained: the speed is the same)
+    "speed-rope": ("rope", "char", 256, "remote code"),
+    "speed-gpt2": ("learned", "char", 256, "gpt2 export"),
 }
 
 
@@ -121,7 +124,12 @@ def build(work):
     for name, (pe, tok_name, block, served) in MODELS.items():
         tokenizer = tokenizers[tok_name]
         key = (pe, tok_name, block)
-        if key not in trained:  # learned-gpt2 is the learned model, exported
+        if name.startswith("speed"):
+            torch.manual_seed(0)
+            config = NanoGPTConfig(vocab_size=len(tokenizer), block_size=block, n_layer=6, n_head=6, n_embd=384,
+                                   position_embedding=pe, bos_token_id=None, eos_token_id=None)
+            trained[key] = NanoGPTForCausalLM(config).eval()
+        elif key not in trained:  # learned-gpt2 is the learned model, exported
             print(f"training {name} ({pe} positions, {tok_name} tokens, block {block})", flush=True)
             torch.manual_seed(0)
             # head size 64: vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, ... (not 16)
@@ -137,13 +145,18 @@ def build(work):
             tokenizer.save_pretrained(folder)
         else:
             export_gpt2(None, folder, model, tokenizer)
-            if tok_name == "gpt2":  # our own format too: examples/export.py --to gguf starts from it
-                model.save_pretrained(work / "bpe-src")
-                tokenizer.save_pretrained(work / "bpe-src")
-        ref = {"served": served, "position": pe, "tokenizer": tok_name, "prompts": PROMPTS,
-               "ours": our_greedy(model, tokenizer, PROMPTS, NEW_TOKENS), "bench_prompts": bench_prompts(text)}
-        if name in ("rope", "learned-gpt2"):  # speed: ours timed in the vLLM process, turn about with vLLM
-            ref["bench_ours"] = str(work / ("learned" if name == "learned-gpt2" else name))
+            # our own format too: the source of examples/export.py --to gguf, and of our side of the speed runs
+            twin = work / {"learned-gpt2": "learned", "bpe-gpt2": "bpe-src", "speed-gpt2": "speed-learned"}[name]
+            if not twin.exists():
+                model.save_pretrained(twin)
+                tokenizer.save_pretrained(twin)
+        ref = {"served": served, "position": pe, "tokenizer": tok_name, "bench_prompts": bench_prompts(text)}
+        if name.startswith("speed"):  # ours is timed in the vLLM process, taking turns with vLLM
+            ref["bench_ours"] = str(folder if served == "remote code" else twin)
+            if served != "remote code":
+                save_json(twin / "reference.json", ref)  # our_bench reads the prompts there
+        else:
+            ref |= {"prompts": PROMPTS, "ours": our_greedy(model, tokenizer, PROMPTS, NEW_TOKENS)}
         save_json(folder / "reference.json", ref)
     print(f"built {', '.join(MODELS)} in {work}")
 
@@ -163,13 +176,14 @@ def run_vllm(work, name):
         save_json(folder / "vllm.json", result)
         print(f"vllm {name}: refused ({e})")
         return
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
-    outs = []
-    for o in llm.generate(ref["prompts"], params):
-        ids = list(o.outputs[0].token_ids)
-        lp = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, ids)]
-        outs.append({"prompt_ids": list(o.prompt_token_ids), "ids": ids, "logprobs": lp})
-    result["outputs"] = outs
+    if "prompts" in ref:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
+        outs = []
+        for o in llm.generate(ref["prompts"], params):
+            ids = list(o.outputs[0].token_ids)
+            lp = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, ids)]
+            outs.append({"prompt_ids": list(o.prompt_token_ids), "ids": ids, "logprobs": lp})
+        result["outputs"] = outs
     if "bench_ours" in ref:
         # the same prompts through vLLM and through our generate(), taking turns in the same minutes: on a shared
         # machine the load drifts, and turns expose both to it alike; the best of REPEATS each
@@ -232,7 +246,8 @@ def report(work):
     for name in MODELS:
         folder = work / name
         ref = json.loads((folder / "reference.json").read_text())
-        what = f"{name:13s} ({ref['served']}, {ref['position']} positions, {ref['tokenizer']} tokens)"
+        size = "6x384, " if name.startswith("speed") else ""
+        what = f"{name:13s} ({size}{ref['served']}, {ref['position']} positions, {ref['tokenizer']} tokens)"
         v = json.loads((folder / "vllm.json").read_text()) if (folder / "vllm.json").is_file() else None
         if v is None:
             lines.append(f"vLLM      {what}: not run")
@@ -246,13 +261,14 @@ def report(work):
             ok &= clear
             lines.append(f"vLLM      {what}: refused{'' if clear else ' (UNEXPECTED)'}: {cause[:200]}")
         else:
-            same_prompt, equal, total, dlp = compare(ref["ours"], v["outputs"])
-            good = same_prompt and equal == total and dlp <= VLLM_TOL and ref["position"] != "alibi"
-            ok &= good
-            lines.append(f"vLLM      {what}: prompt ids {'equal' if same_prompt else 'DIFFER'}, "
-                         f"greedy {equal}/{total}, max |dlogprob| {dlp:.1e}{'' if good else '  <-- FAIL'}")
+            if "ours" in ref:
+                same_prompt, equal, total, dlp = compare(ref["ours"], v["outputs"])
+                good = same_prompt and equal == total and dlp <= VLLM_TOL and ref["position"] != "alibi"
+                ok &= good
+                lines.append(f"vLLM      {what}: prompt ids {'equal' if same_prompt else 'DIFFER'}, "
+                             f"greedy {equal}/{total}, max |dlogprob| {dlp:.1e}{'' if good else '  <-- FAIL'}")
             if "tok_s" in v:
-                lines.append(f"          throughput {BENCH_PROMPTS} prompts x {BENCH_TOKENS} tokens, {THREADS} thread: "
+                lines.append(f"vLLM      {what}: {BENCH_PROMPTS} prompts x {BENCH_TOKENS} tokens, {THREADS} thread: "
                              f"vLLM {v['tok_s']:.0f} tok/s, ours {v['ours_tok_s']:.0f} tok/s, "
                              f"ratio {v['tok_s'] / v['ours_tok_s']:.2f}x (runs: {v['all_tok_s']})")
         if (folder / "llama.json").is_file():

@@ -13,9 +13,10 @@
 #               llama.cpp's convert_hf_to_gguf.py comes from the llama-cpp-python sdist (vendor/llama.cpp/)
 #   2. ours: trains tiny models (2 layers, 128 wide, head size 64) on Python's standard library source: learned,
 #      RoPE and ALiBi positions with a character tokenizer, learned with GPT-2 BPE; saves the out_dirs and the
-#      to_gpt2() exports; records our generate()'s greedy tokens and log-probs (3 prompts x 50 tokens) and our
-#      batched throughput (16 prompts x 100 tokens, 1 thread)
-#   3. vLLM serves each folder (out_dirs with trust_remote_code=True, exports natively); ALiBi must be refused
+#      to_gpt2() exports; records our generate()'s greedy tokens and log-probs (3 prompts x 50 tokens); and two
+#      untrained models of nanoGPT's shakespeare_char size (6 layers, 384 wide) for speed
+#   3. vLLM serves each folder (out_dirs with trust_remote_code=True, exports natively); ALiBi must be refused; on
+#      the speed models vLLM and our batched generate() (16 prompts x 100 tokens, 1 thread) take turns, best of 3
 #   4. llama.cpp: examples/export.py --to gguf on the BPE model (f32), greedy through llama-cpp-python; the char
 #      model's --to gguf must be refused in one line
 #   5. report: greedy tokens equal (all 150), prompt token ids equal, vLLM |d logprob| <= 1e-4; exit 1 otherwise
@@ -77,7 +78,7 @@ cp "$data/encoder.json" "$TIKTOKEN_CACHE_DIR/6c7ea1a7e38e3a7f062df639a5b80947f07
 log "ours: training and exporting the tiny models"
 "$OURS" "$ROOT/scripts/check_engines.py" build "$WORK"
 
-for name in learned rope alibi learned-gpt2 bpe-gpt2; do
+for name in learned rope alibi learned-gpt2 bpe-gpt2 speed-rope speed-gpt2; do
     log "vLLM: $name"
     "$VLLM" "$ROOT/scripts/check_engines.py" vllm "$WORK" "$name" > "$WORK/$name/vllm.log" 2>&1 \
         || { tail -20 "$WORK/$name/vllm.log"; exit 1; }
