@@ -169,12 +169,12 @@ print(generator("\\n", max_new_tokens=200, do_sample=True)[0]["generated_text"])
     elif config.get("position_embedding", "learned") == "learned":
         export = f"""`trust_remote_code=True` runs the two small source files in this repo (`configuration_nanogpt.py`,
 `modeling_nanogpt.py`; they import only torch and transformers). To avoid remote code, convert to a plain
-`GPT2LMHeadModel` once (same weights, same logits) with the nanogpt_hf package:
+`GPT2LMHeadModel` once (same weights, same logits; the tokenizer is saved beside it) with the nanogpt_hf package:
 
 ```python
-from nanogpt_hf import NanoGPTForCausalLM
+from nanogpt_hf.export import export_gpt2
 
-NanoGPTForCausalLM.from_pretrained("{repo_id}").to_gpt2().save_pretrained("gpt2-export")
+export_gpt2("{repo_id}", "gpt2-export")  # or: python examples/export.py {repo_id} --to gpt2
 # AutoModelForCausalLM.from_pretrained("gpt2-export") now needs no remote code
 ```"""
     else:
@@ -182,10 +182,10 @@ NanoGPTForCausalLM.from_pretrained("{repo_id}").to_gpt2().save_pretrained("gpt2-
                   f"{config.get('position_embedding')} positions, which GPT-2 does not have, so there is no "
                   f"`to_gpt2()` export.")
     remote = "" if is_gpt2 else ",trust_remote_code=True"
-    engines = """For engines that serve GPT-2 natively, export once to a plain `GPT2LMHeadModel` (learned positions only,
-see above), then: vLLM `vllm serve gpt2-export`; llama.cpp `python convert_hf_to_gguf.py gpt2-export`; ONNX Runtime
-through `torch.onnx.export(..., dynamo=True)` of the exported model (or of this one directly: it exports with an
-attention mask)."""
+    engines = f"""vLLM serves this repo as it is (learned or RoPE positions; ALiBi is refused): `vllm serve {repo_id}
+--trust-remote-code`. For engines that serve GPT-2 natively, export once (learned positions only, see above):
+`python examples/export.py {repo_id} --to gpt2` for vLLM's own GPT-2, `--to gguf` for llama.cpp (GPT-2 BPE models),
+`--to onnx` for ONNX Runtime (nanogpt_hf's examples/export.py; each folder gets the tokenizer)."""
     lm_eval_cmd = f"""Benchmarks with [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) (`pip install lm_eval`):
 
 ```bash
