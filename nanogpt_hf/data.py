@@ -105,6 +105,7 @@ def read_meta(data_dir):
     if not path.is_file():
         meta = llmc_meta(data_dir) if Path(data_dir).is_dir() else None
         if meta is not None:
+            check_meta(meta, path)  # the shards' sizes against their headers' token counts
             return meta
         raise FileNotFoundError(f"{data_dir} has no meta.json: not a prepared dataset (or its prepare was "
                                 "interrupted); run examples/prepare.py with --data_dir " + str(data_dir))
