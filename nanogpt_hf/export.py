@@ -68,7 +68,7 @@ def export_gpt2(src, dest, model=None, tokenizer=None):
 
 
 def export_gguf(src, dest, converter, outtype="f32"):
-    """GPT-2 export, then llama.cpp's converter (run with this Python) -> dest/model-<outtype>.gguf. Returns its path."""
+    """GPT-2 export, then llama.cpp's converter (run with this Python) -> dest/model-<outtype>.gguf, returned."""
     converter = Path(converter) if converter else None
     if converter is None or not converter.is_file():
         raise FileNotFoundError(

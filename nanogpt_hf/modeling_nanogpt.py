@@ -146,7 +146,8 @@ def check_attention(model, attn_kwargs=None):
                          f"{impl!r} would drop it (wrong outputs): run this model with transformers or ONNX, or "
                          "train with position_embedding='rope' to serve it with vLLM")
     if attn_kwargs and impl in BIAS_IMPLEMENTATIONS:
-        raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument {next(iter(attn_kwargs))!r}")
+        name = next(iter(attn_kwargs))
+        raise TypeError(f"{type(model).__name__}.forward() got an unexpected keyword argument {name!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -308,7 +309,7 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         S = past_len + T  # keys/values the new tokens attend to (a 0-d tensor with a static cache)
         K = cache.layers[0].max_cache_len if static else S
-        given_positions = position_ids  # a flattened batch is longer than any of its sequences: check these instead
+        pe, longest = cfg.position_embedding, S  # longest: the longest sequence, for the learned table's check
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # left padding: real tokens start at position 0, exactly as without padding (with a static cache
@@ -317,14 +318,13 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
                 position_ids = positions[:, -T:] if static else positions[:, past_len:S]
             else:
                 position_ids = (torch.arange(T, device=x.device) + past_len).unsqueeze(0)  # (1, T)
-
-        pe = cfg.position_embedding
+        elif pe == "learned" and position_ids.numel() and not torch.compiler.is_compiling():
+            longest = int(position_ids.max()) + 1  # a flattened batch (vLLM) is longer than any of its sequences
         if pe == "learned":
             # (checked on the host, so not inside a compiled graph: there an out-of-range position fails in wpe)
-            length = S if given_positions is None else int(given_positions.max()) + 1 if given_positions.numel() else 0
-            if not torch.compiler.is_compiling() and length > cfg.block_size:
+            if not torch.compiler.is_compiling() and longest > cfg.block_size:
                 raise ValueError(
-                    f"sequence length {length} exceeds block_size {cfg.block_size}, the length of this model's "
+                    f"sequence length {int(longest)} exceeds block_size {cfg.block_size}, the length of this model's "
                     "learned position table: crop the input to the last block_size tokens "
                     "(or train with position_embedding='alibi' or 'rope', which extrapolate)"
                 )
@@ -446,7 +446,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         # transformers < 5.24 also passes cache_position; positions here come from the cache's length instead
         inputs.pop("cache_position", None)
         block = self.config.block_size
-        if self.config.position_embedding == "learned" and input_ids.size(1) > block and inputs.get("input_ids") is not None:
+        if self.config.position_embedding == "learned" and input_ids.size(1) > block:
             # nanoGPT's crop: learned positions end at block_size, so past it each new token is computed from the last
             # block_size tokens, from scratch (every cached key/value sits at a position that has shifted by one)
             mask = kwargs.get("attention_mask")  # 2-D (B, S) in generate(); None: no padding
@@ -539,8 +539,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         if c.position_embedding != "learned":
             raise ValueError(f"to_gpt2: GPT-2 has learned positions; this model uses {c.position_embedding!r}")
         gpt2 = GPT2LMHeadModel(GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-            activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
+            n_embd=c.n_embd, activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
             tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout))
         ours = self.state_dict()
