@@ -245,11 +245,16 @@ def test_token_ids_beyond_the_model_vocab_are_refused_at_start(tmp_path, char_da
     for f in char_data_dir.iterdir():
         if f.is_file():
             (bad / f.name).write_bytes(f.read_bytes())
-    meta["splits"]["val"]["shards"][0]["max_token_id"] = 65535
+    meta["splits"]["val"]["shards"][0]["max_token_id"] = ds.vocab_size - 1  # a model with a smaller vocab
     (bad / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=f"val_000.bin holds token id 65535, beyond the model's vocab_size "
-                                         f"{ds.vocab_size}"):
-        TokenShards(bad).check_vocab(ds.vocab_size)
+    with pytest.raises(ValueError, match=f"the model's vocab_size {ds.vocab_size - 10} is smaller than the "
+                                         f"vocab_size {ds.vocab_size} of"):
+        TokenShards(bad).check_vocab(ds.vocab_size - 10)
+    meta["splits"]["val"]["shards"][0]["max_token_id"] = 65535  # beyond the data's own vocab: meta.json is wrong
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"splits.val.shards\[0\]: max_token_id 65535 is not a token id below "
+                                         f"vocab_size {ds.vocab_size}"):
+        TokenShards(bad)
     for split in meta["splits"].values():  # a data_dir prepared before max_token_id existed: not checked
         for s in split["shards"]:
             del s["max_token_id"]
