@@ -8,7 +8,7 @@ Benchmarks (nanoGPT's bench.py, plus the comparisons of docs/performance.md); th
     python examples/bench.py --what generate --sample_num 2   # + sample.py's job vs nanoGPT's sample.py loop
     python examples/bench.py --what bf16                   # train step fp32 vs bf16 autocast, baby + shakespeare_char
     python examples/bench.py --what data --data_dir data/shakespeare_char
-    python examples/bench.py --what prepare --text data/shakespeare/input.txt --prepare_mb 50   # vs bare tiktoken
+    python examples/bench.py --what prepare --text data/shakespeare/input.txt               # 100 MB, vs bare tiktoken
     python examples/bench.py --preset gpt2 --device cuda --dtype bfloat16 --compile --profile prof/
     python examples/bench.py --what time_to_loss            # AdamW vs Muon to val loss 1.88, shakespeare_char CPU run
     python examples/bench.py --what time_to_loss --runs examples/configs/shakespeare_char_cpu.yaml \
@@ -98,7 +98,7 @@ def parse_args(argv=None):
                                       "for every run of --what time_to_loss (default: the configs' data_dir)")
     p.add_argument("--text", help="text file for the temporary dataset (default: Python's standard library)")
     p.add_argument("--data_iters", type=int, default=1000, help="get_batch calls to average")
-    p.add_argument("--prepare_mb", type=float, default=20, help="--what prepare: MB of text (--text or Python's "
+    p.add_argument("--prepare_mb", type=float, default=100, help="--what prepare: MB of text (--text or Python's "
                                                                 "standard library, repeated or cut to this size)")
     p.add_argument("--prepare_repeats", type=int, default=3, help="--what prepare: runs of each (median)")
     p.add_argument("--prepare_tokenizers", default="gpt2,hf",
