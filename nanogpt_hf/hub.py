@@ -216,7 +216,8 @@ def _push_files(files: dict[str, Path | bytes], repo_id: str, repo_type: str, pr
     api = HfApi(endpoint=endpoint, token=token, library_name="nanogpt_hf")
 
     def push() -> str:
-        api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
+        sdk = {"space_sdk": "gradio"} if repo_type == "space" else {}  # the Hub asks a Space for its SDK
+        api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True, **sdk)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
         # fresh operations on every attempt: huggingface_hub marks them as used after a commit
@@ -291,6 +292,15 @@ def push_data_dir(data_dir, repo_id: str, private: bool = False, revision: str |
         files["README.md"] = dataset_card_text(data_dir, repo_id).encode()
     return _push_files(files, repo_id, "dataset", private, revision, commit_message or "nanogpt_hf: upload data",
                        token, endpoint, retries, backoff, log)
+
+
+def push_space(files: dict[str, str | bytes], space_id: str, private: bool = False, token: str | None = None, *,
+               endpoint: str | None = None, retries: int = 3, backoff: float = 2.0,
+               log: Callable[[str], None] = _stderr) -> str:
+    """Push a Gradio Space's files {path: text or bytes} (examples/demo.py's space_files) to `space_id`."""
+    files = {path: text.encode() if isinstance(text, str) else text for path, text in files.items()}
+    return _push_files(files, space_id, "space", private, None, "nanogpt_hf: demo app", token, endpoint, retries,
+                       backoff, log)
 
 
 def resolve_data_dir(data_dir, *, endpoint: str | None = None, cache_dir=None, token: str | None = None,

@@ -356,8 +356,10 @@ class Handler(BaseHTTPRequestHandler):
     def create_repo(self):
         body = self.json_body()
         repo_type = body.get("type") or "model"
-        if repo_type not in ("model", "dataset"):
-            raise ApiError(400, f"this test server only hosts model and dataset repos, not {repo_type!r}")
+        if repo_type not in ("model", "dataset", "space"):
+            raise ApiError(400, f"this test server only hosts model, dataset and space repos, not {repo_type!r}")
+        if repo_type == "space" and not body.get("sdk"):  # as the Hub: a Space says what runs it
+            raise ApiError(400, "a Space needs an sdk (gradio, docker, static)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}", body.get("name") or ""):
             raise ApiError(400, f"invalid repo name {body.get('name')!r}")
         repo_id = f"{body.get('organization') or self.server.hub.user}/{body['name']}"

@@ -33,6 +33,7 @@ from hub_server import HubServer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN, READ_TOKEN = "hf_test_write", "hf_test_read"
 REPO = "tester/tiny-nanogpt"
+SPACE = "tester/nanogpt-demo"
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
 PROMPT = "hear me"
 FAST = dict(token=TOKEN, retries=2, backoff=0.01)  # pushes in this process: quick retries
@@ -107,7 +108,8 @@ def published(hub, tmp_path_factory):
     out = tmp / "out"
     model, logits_v1 = train_tiny(out)
     before = digest(out)
-    cli = subprocess.run([sys.executable, "examples/push.py", str(out), REPO, "--export_gpt2"], cwd=ROOT,
+    cli = subprocess.run([sys.executable, "examples/push.py", str(out), REPO, "--export_gpt2", "--space", SPACE],
+                         cwd=ROOT,
                          env=hub_env(hub, tmp, str(ROOT)), capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]
     after_cli = digest(out)
@@ -137,6 +139,17 @@ def test_push_uploads_the_model_and_leaves_out_dir_untouched(published, hub):
         assert before == after
     card = hub.read(REPO, "README.md").decode()
     assert CARD_MARKER in card and f'from_pretrained("{REPO}", trust_remote_code=True)' in card
+
+
+def test_push_ships_the_demo_as_a_space(published, hub):
+    """--space: a Gradio Space whose app.py is examples/demo.py, pointed at the pushed model."""
+    assert {"app.py", "requirements.txt", "README.md"} <= set(hub.files(SPACE, repo_type="space"))
+    app = hub.read(SPACE, "app.py", repo_type="space").decode()
+    assert f'MODEL = os.environ.get("NANOGPT_DEMO_MODEL", {REPO!r})' in app
+    assert app.replace(f", {REPO!r})", ")", 1) == (ROOT / "examples" / "demo.py").read_text()
+    readme = hub.read(SPACE, "README.md", repo_type="space").decode()
+    assert "sdk: gradio" in readme and "app_file: app.py" in readme and f"- {REPO}" in readme
+    assert f"spaces/{SPACE}" in published.cli.stdout
 
 
 def test_second_push_is_a_new_commit_and_old_revisions_stay(published, hub):
@@ -334,7 +347,8 @@ def test_model_card(published, hub, tmp_path):
     card = model_card_text(published.out, REPO)
     results = json.loads((published.out / "results.json").read_text())
     assert f"{results['val_loss']:.4f}" in card and "tiny_text" in card and "cpu (2 cores)" in card
-    assert "to_gpt2()" in card and 'pipeline("text-generation"' in card
+    assert f'export_gpt2("{REPO}", "gpt2-export")' in card and 'pipeline("text-generation"' in card
+    assert f"vllm serve {REPO}\n--trust-remote-code" in card  # the engines line names what serves this repo
     assert validate(hub, card) == (200, {"errors": [], "warnings": []})
     data = ModelCard(card).data.to_dict()  # huggingface_hub's own parser round-trips it
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
