@@ -14,6 +14,7 @@ import atexit
 import os
 import random
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -108,3 +109,12 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A loopback port that accepts connections and never answers (a Hub behind a dead proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"

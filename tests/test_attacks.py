@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -409,14 +408,6 @@ def test_a_bug_is_still_a_traceback(monkeypatch):
 
 # -----------------------------------------------------------------------------
 # the network: a Hub that accepts the connection and never answers ends within the deadline
-
-
-@pytest.fixture
-def silent_endpoint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def finishes(fn, within=90):

@@ -99,15 +99,6 @@ def test_sample_negative_top_k(tmp_path, sample_main):
                                                                       "--top_k", "-5")
 
 
-@pytest.fixture
-def silent_endpoint():
-    """A loopback port that accepts connections and never answers (a Hub behind a dead proxy)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        yield f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 def closed_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

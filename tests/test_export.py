@@ -5,20 +5,10 @@ import pytest
 import torch
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+from nanogpt_hf.export import Logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5
-
-
-class Logits(torch.nn.Module):
-    """(input_ids, attention_mask) -> logits: the graph an inference engine serves (no cache)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def tiny(position_embedding="learned"):
