@@ -138,12 +138,7 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
                    tokenizer=tokenizer, vocab_size=vocab_size, block_size=block_size, val_fraction=val_fraction,
                    seed=seed, shard_size=shard_size)
 
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    prep._recover(data_dir)
-    work = prep._partial_dir(data_dir)
-    work.mkdir(exist_ok=True)
-    lock = prep._lock(work)
-    try:
+    with prep.work_dir(data_dir) as work:  # a full disk: one line naming the file; the partial folder removed
         progress = _progress(work, data_dir, request)
         pad = end_token_id(tok)
         for split, part in (("train", parts["train"]), ("val", parts["test"])):
@@ -161,9 +156,6 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
                     loss_mask=True, row_len=row_len, chat=counts, splits=splits)
         (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         prep._commit(work, data_dir)
-    finally:
-        if lock is not None:
-            lock.close()
     print(f"prepared {len(kept)} conversations of {dataset} in {data_dir}: tokenizer {tokenizer} + chat tokens, "
           f"vocab_size {vocab_size}, rows of {row_len} tokens, {time.time() - t0:.1f} s")
     for s, info in splits.items():

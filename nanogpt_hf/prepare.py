@@ -12,7 +12,9 @@ Memory does not grow with the input: rows are generated, mapped and read back a 
 command again finds the rows and their tokens in the datasets cache and only writes the shards.
 """
 
+import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, load_tokenizer, shard_name, \
     token_dtype, tokenizer_hash
-from .sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS, text_sources, texts
+from .sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS, bounded, text_sources, texts
 from .tokenization import GPT2_EOT, build_char_tokenizer, char_vocab, compression, default_unk_char, gpt2_tokenizer, \
     is_byte_level_bpe, load_pretrained_tokenizer, tiktoken_gpt2, train_bpe
 
@@ -50,7 +52,9 @@ def _encode(rows, kind, table, eot, before, dtype, threads=1):
     """The .map function: a batch of rows (pa.Table: text, plus first/last when a document spans several rows)
     -> pa.Table: ids (the row's token ids, <|endoftext|> (eot) before the first row of each document (llm.c) or
     after its last (nanoGPT); none when eot is None) and eod (the row ends a document)."""
-    texts = rows.column("text").to_pylist()
+    pieces = [bounded(t) for t in rows.column("text").to_pylist()]  # a huge row (any source): in bounded pieces
+    texts = [p for ps in pieces for p in ps]
+    pieces = pieces if len(texts) > rows.num_rows else None
     if kind == "char":  # nanoGPT's [stoi[c] for c in text], vectorized through a lookup table (holes -> unk)
         ids = [table[np.minimum(np.frombuffer(t.encode("utf-32-le"), np.uint32), len(table) - 1)] for t in texts]
     elif kind == "gpt2" and threads > 1:  # a stream, mapped in this process: tiktoken's threads use the cores
@@ -63,10 +67,13 @@ def _encode(rows, kind, table, eot, before, dtype, threads=1):
         ids = [e.ids for e in table.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
     else:
         ids = table(texts, add_special_tokens=False)["input_ids"]
-    whole = "last" not in rows.column_names  # one row per document
-    first = np.ones(len(texts), bool) if whole else rows.column("first").to_numpy(zero_copy_only=False)
-    last = np.ones(len(texts), bool) if whole else rows.column("last").to_numpy(zero_copy_only=False)
-    sep, parts, lens = np.array([eot or 0], dtype), [], np.zeros(len(texts) + 1, np.int64)
+    if pieces is not None:  # each row's ids: its pieces' ids one after the other
+        ids = iter(ids)
+        ids = [np.concatenate([np.asarray(next(ids), np.int64) for _ in ps]) for ps in pieces]
+    n, whole = rows.num_rows, "last" not in rows.column_names  # whole: one row per document
+    first = np.ones(n, bool) if whole else rows.column("first").to_numpy(zero_copy_only=False)
+    last = np.ones(n, bool) if whole else rows.column("last").to_numpy(zero_copy_only=False)
+    sep, parts, lens = np.array([eot or 0], dtype), [], np.zeros(n + 1, np.int64)
     for i, x in enumerate(ids):
         with_eot = eot is not None and (first[i] if before else last[i])
         parts += ([sep, x] if before else [x, sep]) if with_eot else [x]
@@ -157,11 +164,35 @@ def make_tokenizer(spec, chars, by_documents, train_texts=None, vocab_size=None,
 
 def _save_json(path, obj):
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with naming(tmp), open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def naming(path):
+    """A write that fails names its file: an OSError of write(), flush() or fsync() carries no path. path: the
+    file, or a callable giving it (None: nothing to name)."""
+    try:
+        yield
+    except OSError as e:
+        path = path() if callable(path) else path
+        if e.filename is None and path is not None:
+            e.filename = str(path)
+        raise
+
+
+def _naming_the_shard(method):
+    """A ShardWriter method whose failed write names the shard file being written."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with naming(lambda: self.f and self.f.name):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class ShardWriter:
@@ -185,6 +216,7 @@ class ShardWriter:
             self.f.write(llmc_header(0))
         self.n, self.max = 0, 0
 
+    @_naming_the_shard
     def _finish(self, next_item, skip_tokens, documents):
         if self.fmt == "llmc":
             self.f.seek(0)
@@ -207,6 +239,7 @@ class ShardWriter:
         self.state.update(next_item=next_item, skip_tokens=skip_tokens, documents=documents)
         _save_json(self.out_dir / PROGRESS_FILE, self.progress)
 
+    @_naming_the_shard
     def write(self, flat, lens, ends, first_item, first_offset, mask=None):
         """flat: the tokens of rows first_item, first_item+1, ... (lens each; the first row's first
         first_offset tokens were written before); mask: their loss mask (uint8, same length), with mask=True."""
@@ -327,6 +360,54 @@ def _recover(data_dir):
     shutil.rmtree(_old_dir(data_dir), ignore_errors=True)
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)  # a write the disk refused
+
+
+def disk_error(e):
+    """The OSError of a refused write behind e (datasets wraps its own in DatasetGenerationError; pyarrow's carry
+    the errno only in their message), or None."""
+    while e is not None:
+        if isinstance(e, OSError) and (e.errno in DISK_ERRORS or e.errno is None and
+                                       any(f"[Errno {n}]" in str(e) for n in DISK_ERRORS)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def work_dir(data_dir):
+    """.NAME.partial/ next to data_dir, locked, for the shards until _commit puts them in place. Bad input
+    (ValueError) removes it: nothing worth resuming. A write the disk refuses (full, quota, read-only, I/O error,
+    file too large) becomes one line naming the file, and removes what this run wrote: the folder if this run
+    made it, else its unfinished files (the shards a killed run left stay resumable). data_dir is never touched
+    before _commit, so a dataset already there stays complete."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover(data_dir)
+    work = _partial_dir(data_dir)
+    made = not work.exists()
+    work.mkdir(exist_ok=True)
+    lock = _lock(work)
+    try:
+        yield work
+    except Exception as e:
+        disk = disk_error(e)
+        if isinstance(e, ValueError) or (disk and made):
+            shutil.rmtree(work, ignore_errors=True)
+        elif disk:
+            for p in [*work.glob("*.part"), *work.glob("*.tmp")]:
+                p.unlink(missing_ok=True)
+        if disk is None:
+            raise
+        path = disk.filename or f"{work} (or the datasets cache, {datasets.config.HF_DATASETS_CACHE})"
+        left = f"removed {work}" if made else f"kept the complete shards in {work}"
+        kept = f"; {data_dir} is as it was" if (data_dir / "meta.json").is_file() else ""
+        raise ValueError(f"could not write {path}: {disk.strerror or str(disk)}; free space there (or choose "
+                         f"another --data_dir) and run prepare again ({left}{kept})") from None
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def _lock(folder):
     """An exclusive lock on folder (held until the process ends): two prepares never write one data_dir."""
     try:
@@ -419,19 +500,8 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
                     if "rows" in src else None)
 
     # 3) shards -> .NAME.partial/ (resumed if a run with the same request was killed), then into place
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(data_dir)
-    work = _partial_dir(data_dir)
-    work.mkdir(exist_ok=True)
-    lock = _lock(work)
-    try:
+    with work_dir(data_dir) as work:
         meta = _write_dataset(work, data_dir, request, meta, src, limits, tok, encoder, digest, num_proc)
-    except ValueError:  # bad input, not an interruption: nothing worth resuming
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        if lock is not None:
-            lock.close()
     _report(meta, data_dir, num_proc, time.time() - t0)
     return meta
 
@@ -517,7 +587,9 @@ def _write_dataset(work, data_dir, request, meta, src, limits, tok, encoder, dig
         if src["by_documents"]:
             meta["splits"][s]["num_documents"] = st["documents"]
     shutil.rmtree(work / "tokenizer", ignore_errors=True)
-    tok.save_pretrained(work / "tokenizer")
-    (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    with naming(work / "tokenizer"):
+        tok.save_pretrained(work / "tokenizer")
+    with naming(work / "meta.json"):
+        (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _commit(work, data_dir)
     return meta

@@ -187,6 +187,14 @@ def chunk_text(text, size=CHUNK_CHARS):
     return list(chunk_stream([text], size))
 
 
+def bounded(text):
+    """A row's text as the pieces the tokenizer gets: the text itself, or beyond MAX_ROW_CHARS (a Hub row or a
+    document without whitespace) pieces of at most MAX_ROW_CHARS, cut at whitespace in the last CHUNK_CHARS of
+    each where there is some (GPT-2-style tokens unchanged), else at MAX_ROW_CHARS. prepare's _encode passes every
+    row through here, whatever the source: the tokenizer never holds more than one bounded piece per thread."""
+    return [text] if len(text) <= MAX_ROW_CHARS else list(chunk_stream([text], MAX_ROW_CHARS - CHUNK_CHARS))
+
+
 def _scan_file(path, chars=False):
     """One streaming pass over a local input: (number of characters, its distinct characters if chars else None,
     sha256 of its bytes); refuses empty and non-UTF-8 files before any tokenizing starts."""
@@ -242,9 +250,10 @@ def _text_rows(path, start, stop, digest):
 
 def _document_rows(paths, digests, cut):
     """Files as documents, each as rows flagged first/last of its document. cut: long documents into rows (keeps
-    the tokens of char level and GPT-2-style BPE); else one row per document (any other tokenizer)."""
-    for path in paths:
-        rows = chunk_stream(iter_text(path)) if cut else ["".join(iter_text(path))]
+    the tokens of char level and GPT-2-style BPE); else one row per document up to MAX_ROW_CHARS (any other
+    tokenizer; a longer document is cut as sources.bounded cuts a row, so memory stays bounded)."""
+    for path in paths:  # (uncut, a document is still read as a stream, in rows of at most MAX_ROW_CHARS)
+        rows = chunk_stream(iter_text(path), CHUNK_CHARS if cut else MAX_ROW_CHARS - CHUNK_CHARS)
         prev, first = None, True
         for row in rows:
             if prev is not None:

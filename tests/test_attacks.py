@@ -584,3 +584,128 @@ def test_resume_changes_are_printed_and_recorded(trained, char_data_dir, tmp_pat
     state = json.loads((ckpt.find_checkpoint(out / "checkpoints") / "trainer_state.json").read_text())
     change = dict(change, max_iters=10)
     assert state["resumes"] == [{"iter": 8, "changes": {k: [old[k], v] for k, v in change.items()}}]
+
+
+# -----------------------------------------------------------------------------
+# round 3: every row bounded on its way to the tokenizer, whatever the source
+
+WHOLE_DOCS_RSS_CHILD = """
+import sys
+from nanogpt_hf import sources
+sources.MAX_ROW_CHARS = 1 << 18  # the bound at test scale (the mechanism reads it at each call)
+from nanogpt_hf.prepare import prepare_dataset
+
+def peak_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+
+tokenizer = sys.argv[1]
+for folder in sys.argv[2:]:
+    prepare_dataset("rss", data_dir=folder + ".d", inputs=[folder + "/*.txt"], tokenizer=tokenizer, shard_size=1 << 20,
+                    val_fraction=0.5)
+    print(folder, peak_mb(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_whole_documents_without_whitespace_keep_memory_bounded(tmp_path):
+    """Documents taken whole (a tokenizer that is not cut-safe: one row per document) without any whitespace: one
+    child prepares 2 x 2 MB, then 2 x 12 MB; its peak RSS after the second is within 1.3x of the first (whole
+    rows: the tokenizer's per-byte alignments alone grew it by ~16x the document)."""
+    from test_prepare_map import word_level_tokenizer
+
+    word_level_tokenizer().save_pretrained(tmp_path / "tok")
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+    for name, mb in (("small", 2), ("large", 12)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            ids = np.random.default_rng(i).integers(0, 26, mb << 20)
+            (tmp_path / name / f"doc{i}.txt").write_bytes(letters[ids].tobytes())
+    run = subprocess.run([sys.executable, "-c", WHOLE_DOCS_RSS_CHILD, str(tmp_path / "tok"), str(tmp_path / "small"),
+                          str(tmp_path / "large")], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    peaks = dict(line.split() for line in run.stdout.splitlines() if line.startswith(str(tmp_path)))
+    small, large = float(peaks[str(tmp_path / "small")]), float(peaks[str(tmp_path / "large")])
+    assert large <= 1.3 * small, f"peak RSS {small:.0f} MB for 2 x 2 MB, {large:.0f} MB for 2 x 12 MB"
+
+
+class Recorder:
+    """A tokenizer (prepare's "hf" kind without a Rust backend) that records the length of every text it is given;
+    its ids: one per character, so the ids of pieces put back together are the whole row's."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.lengths += map(len, texts)
+        return {"input_ids": [[ord(c) % 97 for c in t] for t in texts]}
+
+
+@pytest.mark.parametrize("how", ["map", "stream"])
+def test_a_huge_hub_row_reaches_the_tokenizer_in_bounded_pieces(monkeypatch, how):
+    """A Hub dataset's rows (map-style or streamed) go through the same bound as local text."""
+    import datasets
+
+    from nanogpt_hf import prepare, sources
+
+    monkeypatch.setattr(sources, "MAX_ROW_CHARS", 1 << 18)
+    rows = ["short row", "y" * (600_000) + " tail", "z" * (1 << 18)]
+    ds = datasets.Dataset.from_dict({"text": rows})
+    ds = ds.to_iterable_dataset() if how == "stream" else ds
+    recorder = Recorder()
+    encoder = dict(kind="hf", table=recorder, eot=0, before=False, dtype="uint16")
+    ids = [x for batch, _ in prepare._token_batches(prepare.tokenize(ds, encoder, "recorder", 1))
+           for x in batch.to_pylist()]
+    assert max(recorder.lengths) <= 1 << 18
+    assert ids == [[ord(c) % 97 for c in t] + [0] for t in rows]  # pieces put back together: the rows' ids
+
+
+# -----------------------------------------------------------------------------
+# round 3: a write the disk refuses during prepare is one line naming the file, and leaves nothing behind
+
+from test_checkpoint import fill, tmpfs  # noqa: E402,F401  (a real small tmpfs; skipped where none can be mounted)
+
+FSIZE_CHILD = """
+import resource, runpy, signal, sys
+import nanogpt_hf.prepare  # noqa: imported before the limit
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG from the kernel, not a kill
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = ["prepare.py"] + sys.argv[2:]
+runpy.run_path(%r, run_name="__main__")
+"""
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("before", ["complete", "none"])
+def test_file_too_large_during_prepare_is_one_line_and_leaves_nothing(tmp_path, tiny_text, before):
+    """RLIMIT_FSIZE in a child: the kernel's EFBIG on the first shard (the datasets cache is filled by a first
+    prepare, so the shards are what is written). A complete data_dir stays as it was; nothing else is left."""
+    args = ["--dataset", "x", "--input", tiny_text, "--tokenizer", "char", "--shard_size", "4096"]
+    data = tmp_path / "d"
+    script("prepare").main([str(a) for a in args + ["--data_dir", tmp_path / "first"]])  # the cache, filled
+    if before == "complete":
+        script("prepare").main([str(a) for a in args + ["--data_dir", data]])
+    old = snapshot(data) if data.exists() else None
+    child = FSIZE_CHILD % str(ROOT / "examples/prepare.py")
+    r = run(["-c", child, 4096, *args, "--data_dir", data], timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith(f"error: could not write {tmp_path}/.d.partial/train_000.bin.part: File too large")
+    assert not (tmp_path / ".d.partial").exists()
+    assert (snapshot(data) == old) if old is not None else not data.exists()
+
+
+def test_full_disk_during_prepare_is_one_line_and_keeps_the_old_data(tmpfs, tiny_text):
+    """A real ENOSPC (a full tmpfs) while a complete data_dir is prepared again."""
+    args = ["--dataset", "x", "--input", tiny_text, "--tokenizer", "char", "--shard_size", "4096",
+            "--data_dir", tmpfs / "d"]
+    script("prepare").main([str(a) for a in args])
+    old = snapshot(tmpfs / "d")
+    fill(tmpfs)
+    line = cli_error("prepare", *args)
+    assert line.startswith(f"error: could not write {tmpfs}/.d.partial/") and "No space left on device" in line
+    assert not (tmpfs / ".d.partial").exists() and snapshot(tmpfs / "d") == old
