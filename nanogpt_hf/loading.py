@@ -16,6 +16,7 @@ not a minute of download retries.
 import contextlib
 import os
 import pickle
+import sys
 import types
 
 from huggingface_hub.errors import StrictDataclassError
@@ -25,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LM
 
 from .chat import CHAT_TOKENS, end_token_id, has_chat_tokens, resize_embeddings
 from .configuration_nanogpt import NanoGPTConfig
-from .guards import check_same_tokenizer, first_line
+from .guards import check_same_tokenizer, first_line, tokenizer_hash
 from .hub import check_hub_name
 from .lora import apply_lora
 from .modeling_nanogpt import NanoGPTForCausalLM
@@ -152,6 +153,16 @@ def load_model(name, device="cpu", trust_remote_code=False, flag="--model"):
         except (OSError, ValueError) as e:
             raise ValueError(f"{flag} {name}: no usable tokenizer saved with the model ({first_line(e)}); "
                              "save one next to it with tokenizer.save_pretrained") from None
+    # train.py records the hash of the tokenizer it trained with in config.json: tokenizer files swapped for another
+    # tokenizer of the same size would decode every id to other text, silently
+    recorded = getattr(model.config, "tokenizer_hash", None)
+    if recorded is not None and tokenizer_hash(tokenizer) != recorded:
+        raise ValueError(f"{flag} {name}: the tokenizer in {source} (vocab hash {tokenizer_hash(tokenizer)}) "
+                         f"is not the one the model was trained with ({source}/config.json records {recorded}): the "
+                         "ids would decode to other text; restore its tokenizer files")
+    if recorded is None and os.path.isdir(source) and model.config.model_type == "nanogpt":
+        print(f"note: {flag} {name} records no tokenizer hash (trained before it was recorded); its tokenizer is "
+              "not checked", file=sys.stderr)
     return model.to(device).eval(), tokenizer
 
 
@@ -214,6 +225,8 @@ def build_model(cfg, data, resume_dir=None, lora_base=None, tokenizer=None, log=
     data.check_vocab(model.config.vocab_size)
     if resume_dir is None and cfg.init_from != "scratch":
         check_same_tokenizer(init_from, tokenizer, f"--init_from {cfg.init_from}", data.data_dir)
+    if tokenizer is not None:  # saved in config.json: sample/eval/chat refuse other tokenizer files (load_model)
+        model.config.tokenizer_hash = tokenizer_hash(tokenizer)
     if tokenizer is not None and has_chat_tokens(tokenizer):  # a chat model's answer ends at <|end|>
         model.config.eos_token_id = end_token_id(tokenizer)
     model.generation_config = generation_config(model.config)  # on the base model: a LoRA run saves it merged

@@ -709,3 +709,44 @@ def test_full_disk_during_prepare_is_one_line_and_keeps_the_old_data(tmpfs, tiny
     line = cli_error("prepare", *args)
     assert line.startswith(f"error: could not write {tmpfs}/.d.partial/") and "No space left on device" in line
     assert not (tmpfs / ".d.partial").exists() and snapshot(tmpfs / "d") == old
+
+
+# -----------------------------------------------------------------------------
+# round 3: a model folder carries the hash of the tokenizer it trained with; sample, eval and chat check it
+
+
+@pytest.fixture
+def model_folder(trained, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(trained, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    return dst
+
+
+def test_trained_model_folder_records_its_tokenizer_hash(trained, char_data_dir):
+    from nanogpt_hf.guards import tokenizer_hash
+
+    config = json.loads((trained / "config.json").read_text())
+    assert config["tokenizer_hash"] == tokenizer_hash(load_tokenizer(char_data_dir))
+
+
+@pytest.mark.parametrize("cli", ["sample", "eval", "chat"])
+def test_model_folder_with_swapped_tokenizer_files_is_refused(model_folder, char_data_dir, cli):
+    path = model_folder / "tokenizer.json"  # two characters' ids exchanged: the same size, other text
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[3:5]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tok))
+    extra = {"sample": ["--max_new_tokens", 2], "chat": [],
+             "eval": ["--data_dir", char_data_dir, "--eval_iters", 1, "--batch_size", 2]}[cli]
+    line = cli_error(cli, "--model", model_folder, "--device", "cpu", *extra)
+    assert "is not the one the model was trained with" in line and f"{model_folder}/config.json records" in line
+
+
+def test_model_folder_without_a_recorded_hash_still_samples_with_a_note(model_folder, capsys):
+    config = json.loads((model_folder / "config.json").read_text())
+    del config["tokenizer_hash"]
+    (model_folder / "config.json").write_text(json.dumps(config))
+    script("sample").main(["--model", str(model_folder), "--device", "cpu", "--max_new_tokens", "4",
+                           "--num_samples", "1"])
+    assert "records no tokenizer hash" in capsys.readouterr().err
