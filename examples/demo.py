@@ -20,20 +20,26 @@ from threading import Thread
 
 MODEL = os.environ.get("NANOGPT_DEMO_MODEL")  # a Space's app.py has its model id here (see space_files)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # in a checkout: nanogpt_hf next to examples/
+try:  # our code when it is there: the error boundary of every script (a bad --model or flag is one line)
+    from nanogpt_hf.cli import error_boundary
+except ImportError:  # a Space's app.py, with only the model's own copy of our code: errors go to its logs as they are
+    def error_boundary(main):
+        return main
+
 
 def load(name):
-    """(model, tokenizer) from an out_dir / save_pretrained folder or a Hub id."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:  # our installed code when there is one; else the model's own copy of it (remote code, e.g. on a Space)
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import nanogpt_hf  # noqa: F401  (registers the model type with the Auto classes)
-        remote = False
+    """(model, tokenizer) from an out_dir / save_pretrained folder or a Hub id: with nanogpt_hf, through its one
+    model loader (damaged files, other tokenizers: one line naming them); else as remote code (a Space)."""
+    try:
+        from nanogpt_hf.loading import load_model
     except ImportError:
-        remote = True
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32).eval()
+        return model, AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    return load_model(name, "cpu")
 
 
 def run_file(name, filename):
@@ -88,10 +94,9 @@ def generate_stream(model, tokenizer, prompt, temperature, top_k, max_new_tokens
     thread.join()
 
 
-def build_app(name):
+def build_app(name, model, tokenizer):
     import gradio as gr
 
-    model, tokenizer = load(name)
     with gr.Blocks(title=f"nanogpt_hf: {name}") as app:
         gr.Markdown(f"# {Path(name).name if os.path.isdir(name) else name}\nA nanoGPT model trained with nanogpt_hf.")
         with gr.Row():
@@ -126,22 +131,21 @@ def space_files(repo_id):
     return {"app.py": app, "requirements.txt": "torch\ntransformers>=5.4\nhuggingface_hub\n", "README.md": readme}
 
 
+@error_boundary
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=MODEL, required=MODEL is None, help="out_dir, save_pretrained folder or Hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from others)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be between 1 and 65535")
+    model, tokenizer = load(args.model)  # before gradio: a bad --model is one line, with or without it
     try:
         import gradio  # noqa: F401
     except ImportError:
         sys.exit('error: the demo needs gradio: pip install "nanogpt_hf[demo]" (or pip install gradio)')
-    if MODEL is None and not os.path.isdir(args.model) and args.model.startswith(("/", ".", "~")):
-        sys.exit(f"error: --model {args.model}: no such folder")
-    try:
-        app = build_app(args.model)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --model {args.model}: not loadable ({str(e).splitlines()[0]})")
+    app = build_app(args.model, model, tokenizer)
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True)
 
 

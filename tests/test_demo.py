@@ -1,5 +1,6 @@
 """examples/demo.py: the Gradio app launched as a real process, answered through gradio_client (gradio is an optional
-dependency: `pip install nanogpt_hf[demo]`; skipped without it). The headless-browser screenshot is a documented
+dependency: `pip install nanogpt_hf[demo]`; that test is skipped without it). Its error boundary (a bad --model or
+flag is one `error:` line, before gradio is imported) and its Space app.py without nanogpt_hf run without gradio. The headless-browser screenshot is a documented
 manual check (docs/serving.md)."""
 
 import json
@@ -17,8 +18,6 @@ import torch
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.tokenization import build_char_tokenizer
 
-pytest.importorskip("gradio")
-gradio_client = pytest.importorskip("gradio_client")
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
@@ -43,6 +42,8 @@ def model_dir(tmp_path):
 
 
 def test_demo_streams_what_generate_gives_and_shows_the_run(model_dir):
+    pytest.importorskip("gradio")
+    gradio_client = pytest.importorskip("gradio_client")
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py"), "--model", str(model_dir),
@@ -84,3 +85,39 @@ def test_space_files_make_this_demo_the_app(tmp_path):
     assert 'os.environ.get("NANOGPT_DEMO_MODEL", \'someone/tiny-shakespeare\')' in files["app.py"]
     assert "sdk: gradio" in files["README.md"] and "gradio" not in files["requirements.txt"]  # the Space has it
     compile(files["app.py"], "app.py", "exec")
+
+
+def demo_module():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return demo
+
+
+@pytest.mark.parametrize("attack", ["truncated weights", "no such folder", "port"])
+def test_bad_model_or_flag_is_one_line(model_dir, attack):
+    argv = ["--model", str(model_dir)]
+    if attack == "truncated weights":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif attack == "no such folder":
+        argv = ["--model", str(model_dir / "nope")]
+    else:
+        argv += ["--port", "70000"]
+    with pytest.raises(SystemExit) as e:
+        demo_module().main(argv)
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line, line
+    assert ("--port 70000" if attack == "port" else str(model_dir)) in line
+
+
+def test_the_space_app_runs_without_nanogpt_hf(tmp_path):
+    """A Space installs torch, transformers and huggingface_hub, not nanogpt_hf: its app.py still starts."""
+    app = tmp_path / "app.py"
+    app.write_text(demo_module().space_files("someone/tiny")["app.py"])
+    blocked = "import sys, runpy; sys.modules['nanogpt_hf'] = None; sys.argv = ['app.py', '--help']; " \
+              f"runpy.run_path({str(app)!r}, run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "--model" in r.stdout, r.stderr[-2000:]
