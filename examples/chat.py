@@ -10,10 +10,13 @@ generated, not the program; Ctrl-D (end of input) or /quit ends it.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from nanogpt_hf.cli import error_boundary  # noqa: E402  (imports nothing heavy)
 
 
 def fit(tokenizer, history, budget):
@@ -29,6 +32,7 @@ def fit(tokenizer, history, budget):
     return None, history
 
 
+@error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an out_dir (or any folder/Hub id with a chat template)")
@@ -39,6 +43,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust_remote_code", action="store_true")
     args = p.parse_args(argv)
+    if not math.isfinite(args.temperature) or args.temperature < 0:  # nan > 0 is False: it would go greedy, silently
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.max_new_tokens < 1 or args.top_k < 0:
+        raise ValueError(f"--max_new_tokens must be >= 1 and --top_k >= 0, got {args.max_new_tokens}, {args.top_k}")
 
     import torch
     from transformers import TextStreamer

@@ -103,6 +103,8 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
     if not args.model:
         raise ValueError("--model is required (on the command line or in the config file)")
+    if args.out and Path(args.out).is_dir():  # found before the evaluation, not after it
+        raise ValueError(f"--out {args.out} is a folder; give a file, e.g. --out {Path(args.out) / RESULTS}")
     return args
 
 

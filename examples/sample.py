@@ -60,7 +60,8 @@ def read_prompt(start):
     if start.startswith("FILE:"):
         path = Path(start[5:])
         if not path.is_file():
-            raise FileNotFoundError(f"--start FILE:{path}: no such file")
+            what = "a folder, not a file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"--start FILE:{path}: {what}")
         return path.read_text(encoding="utf-8")
     return start
 

@@ -44,6 +44,10 @@ def load_conversations(inputs=None, hf_dataset=None, hf_config=None, hf_split="t
         try:
             ds = datasets.load_dataset("json", data_files=paths, split="train")
         except Exception as e:
+            if isinstance(e, StopIteration):  # the json builder found no line at all
+                raise ValueError(f"--input {' '.join(paths)} holds no JSON lines (empty?)") from None
+            if type(e).__name__ == "DatasetGenerationError":  # its message says nothing; its cause names the row
+                e = e.__cause__ or e.__context__ or e
             raise ValueError(f"could not read {' '.join(paths)} as JSON lines ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         if column not in ds.column_names:
@@ -62,7 +66,8 @@ def chat_tokenizer(spec, ds):
         for batch in ds.iter(batch_size=1000):
             for messages in batch["messages"]:
                 for m in messages or ():
-                    chars.update(m.get("content") or "" if isinstance(m, dict) else "")
+                    content = m.get("content") if isinstance(m, dict) else None
+                    chars.update(content if isinstance(content, str) else "")  # others: check_messages says so
         tok = build_char_tokenizer(chars)
     elif spec == "gpt2":
         tok = gpt2_tokenizer()
@@ -110,7 +115,7 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
                          f"{val_fraction}")
     row_len, shard_size = block_size + 1, shard_size or prep.DEFAULT_SHARD_SIZE
     shard_size = max(row_len, shard_size // row_len * row_len)  # whole rows per shard
-    data_dir = Path(data_dir or Path("data") / dataset)
+    data_dir = prep.check_data_dir(data_dir or Path("data") / dataset)
     if (data_dir / "meta.json").is_file() and not overwrite:
         old = json.loads((data_dir / "meta.json").read_text() or "{}")
         if (old.get("tokenizer"), old.get("dataset")) != (tokenizer, dataset):

@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, \
+    RevisionNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from .card import CARD_MARKER, HUB_DATA_PREFIX, dataset_card_text, model_card_text, read_json
 
@@ -212,6 +214,11 @@ def _push_files(files: dict[str, Path | bytes], repo_id: str, repo_type: str, pr
                 commit_message: str, token, endpoint, retries, backoff, log) -> str:
     """Create the repo (if needed) and the branch (if needed), then commit `files` {path_in_repo: file or bytes}."""
     what = f"push to {repo_id}" + (f"@{revision}" if revision else "")
+    try:  # before the token: a malformed id is the same mistake logged in or not
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id (namespace/name: letters, digits, -, _, .): "
+                         f"{str(e).splitlines()[0]}") from None
     token = _require_token(token, what)
     api = HfApi(endpoint=endpoint, token=token, library_name="nanogpt_hf")
 

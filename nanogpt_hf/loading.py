@@ -123,6 +123,9 @@ def _cannot_load(name, flag, source, e):
     if name in GPT2_MODELS:
         return ValueError(f"{flag} {name}: cannot download OpenAI's GPT-2 weights ({first_line(e)}); this needs the "
                           "network once, or a Hugging Face cache that holds them")
+    if os.path.isfile(os.path.join(source, "meta.json")) and not os.path.isfile(os.path.join(source, "config.json")):
+        return ValueError(f"{flag} {name} is a prepared dataset (a data_dir: meta.json, shards), not a model; "
+                          "pass a train.py out_dir")
     hint = " (pass --trust_remote_code if you trust its code)" if "trust_remote_code" in str(e) else ""
     where = "folder" if os.path.isdir(source) else "file" if os.path.isfile(source) else "Hub model"
     return ValueError(f"{flag} {name}: could not load it as a {where} ({first_line(e)}){hint}")

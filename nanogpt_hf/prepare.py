@@ -43,6 +43,7 @@ IN_PROCESS_BYTES = 1 << 22  # a split smaller than this is mapped in this proces
 COMPRESSION_BYTES = 1 << 23  # --tokenizer bpe: bytes of val text its compression is measured on
 PREPARE_VERSION = 2  # in progress.json: a .partial/ left by another version of this writer starts over
 PROGRESS_FILE, LOCK_FILE = "progress.json", ".lock"
+MAX_VOCAB = 1 << 20  # --vocab_size: the BPE trainer allocates ~70 bytes per token up front (1e9 aborted the process)
 
 # -----------------------------------------------------------------------------
 # tokens: one batched .map over the rows
@@ -457,8 +458,10 @@ def prepare_dataset(dataset, data_dir=None, inputs=None, tokenizer=None, hf_data
         raise ValueError("--shard_size and --num_proc must be >= 1 and --seed >= 0")
     if format not in ("nanogpt", "llmc"):
         raise ValueError(f"--format must be nanogpt or llmc, got {format!r}")
+    if vocab_size is not None and vocab_size > MAX_VOCAB:  # the BPE trainer allocates for it up front
+        raise ValueError(f"--vocab_size {vocab_size}: at most {MAX_VOCAB:,}")
     num_proc = cap_num_proc(num_proc)
-    data_dir = Path(data_dir or Path("data") / dataset)
+    data_dir = check_data_dir(data_dir or Path("data") / dataset)
     _check_overwrite(data_dir, dataset, tokenizer, overwrite)
     streaming = recipe.get("streaming", False) if streaming is None else streaming
     if streaming and tokenizer in ("char", "bpe") and not tokenizer_from:
@@ -517,6 +520,15 @@ def cap_num_proc(num_proc):
 
 def default_num_proc():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_data_dir(data_dir):
+    """--data_dir -> a Path, refused before any work where it (or a folder above it) is a file."""
+    data_dir = Path(data_dir)
+    for p in (data_dir, *data_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--data_dir {data_dir}: {p} is a file, not a folder; choose another --data_dir")
+    return data_dir
 
 
 def _check_overwrite(data_dir, dataset, tokenizer, overwrite):

@@ -74,10 +74,8 @@ def download(url, dest):
 def iter_text(path, block=READ_BYTES, digest=None):
     """A local UTF-8 file -> its text as str pieces of about `block` bytes, read as a stream (any file size).
     digest: a hashlib object fed the bytes read."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} not found (--input)")
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    path = check_input(path)
+    decoder, offset = codecs.getincrementaldecoder("utf-8-sig")(), 0  # a leading BOM is not text: dropped
     with open(path, "rb") as f:
         while True:
             data = f.read(block)
@@ -97,6 +95,18 @@ def iter_text(path, block=READ_BYTES, digest=None):
                 return
 
 
+def check_input(path):
+    """An --input that is not a readable file -> FileNotFoundError saying what it is instead."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise FileNotFoundError(f"--input {path} is a folder; pass its files, e.g. --input '{path}/*.txt'")
+    if path.is_symlink():
+        raise FileNotFoundError(f"--input {path} is a symlink to nothing (or to itself)")
+    raise FileNotFoundError(f"input file {path} not found (--input)")
+
+
 def resolve_inputs(inputs, data_dir):
     """--input values -> local paths: globs expanded (sorted), URLs downloaded into data_dir once."""
     paths = []
@@ -105,6 +115,7 @@ def resolve_inputs(inputs, data_dir):
             paths.append(download(item, Path(data_dir) / (Path(urlparse(item).path).name or "input.txt")))
         elif any(c in item for c in "*?["):
             matches = sorted(Path().glob(item) if not Path(item).is_absolute() else Path("/").glob(item[1:]))
+            matches = [m for m in matches if m.is_file()]  # a pattern's folders are not text
             if not matches:
                 raise FileNotFoundError(f"--input {item} matches no file")
             paths += matches

@@ -750,3 +750,111 @@ def test_model_folder_without_a_recorded_hash_still_samples_with_a_note(model_fo
     script("sample").main(["--model", str(model_folder), "--device", "cpu", "--max_new_tokens", "4",
                            "--num_samples", "1"])
     assert "records no tokenizer hash" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# round 3: a new user's attack pass (prepare's inputs and folders, chat data, flags of chat/eval/sample, push)
+
+
+def prepare_error(tmp_path, *argv, data_dir=None):
+    return cli_error("prepare", "--dataset", "x", "--tokenizer", "char", "--data_dir", data_dir or tmp_path / "d",
+                     *argv)
+
+
+def test_a_utf8_bom_is_not_a_character(tmp_path, tiny_text):
+    """A BOM (Windows editors write one) is dropped like any UTF-8 reader does, not made a token."""
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + tiny_text.read_bytes())
+    for name, path in (("bom", bom), ("plain", tiny_text)):
+        script("prepare").main(["--dataset", "x", "--input", str(path), "--tokenizer", "char",
+                                "--data_dir", str(tmp_path / name)])
+    assert "\ufeff" not in load_tokenizer(tmp_path / "bom").get_vocab()
+    assert [f.read_bytes() for f in sorted((tmp_path / "bom").glob("*.bin"))] == \
+        [f.read_bytes() for f in sorted((tmp_path / "plain").glob("*.bin"))]
+
+
+def test_input_that_is_not_a_file_says_what_it_is(tmp_path):
+    (tmp_path / "texts").mkdir()
+    assert "is a folder; pass its files, e.g. --input" in prepare_error(tmp_path, "--input", tmp_path / "texts")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert "is a symlink to nothing (or to itself)" in prepare_error(tmp_path, "--input", tmp_path / "loop")
+
+
+def test_a_glob_that_also_matches_a_folder_takes_the_files(tmp_path, tiny_text):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(tiny_text, tmp_path / "in" / f"{i}.txt")
+    script("prepare").main(["--dataset", "x", "--input", str(tmp_path / "in") + "/*", "--tokenizer", "char",
+                            "--data_dir", str(tmp_path / "d"), "--val_fraction", "0.5"])
+    assert json.loads((tmp_path / "d/meta.json").read_text())["splits"]["train"]["num_documents"] == 1
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["prepare", "prepare --chat"])
+@pytest.mark.parametrize("where", ["data_dir", "a folder above it"])
+def test_data_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_text, where, chat):
+    mine = tmp_path / "mine"
+    mine.write_text("my file")
+    data_dir = mine if where == "data_dir" else mine / "d"
+    if chat:
+        conversations = tmp_path / "c.jsonl"
+        conversations.write_text("\n".join(json.dumps(CHAT_ROW) for _ in range(3)) + "\n")
+        line = cli_error("prepare", "--chat", "--dataset", "c", "--input", conversations, "--tokenizer", "char",
+                         "--data_dir", data_dir, "--block_size", 64)
+    else:
+        line = prepare_error(tmp_path, "--input", tiny_text, data_dir=data_dir)
+    assert f"{mine} is a file, not a folder" in line
+    assert mine.read_text() == "my file" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["mine", "tiny.txt"] + (["c.jsonl"] if chat else []))
+
+
+def test_a_huge_bpe_vocab_is_refused_before_training(tmp_path, tiny_text):
+    """--vocab_size 1000000000: the BPE trainer allocated 70 GB up front and the process aborted in Rust."""
+    line = cli_error("prepare", "--dataset", "x", "--input", tiny_text, "--tokenizer", "bpe", "--vocab_size",
+                     1_000_000_000, "--data_dir", tmp_path / "d")
+    assert "--vocab_size 1000000000: at most" in line and not (tmp_path / "d").exists()
+
+
+CHAT_ROW = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"}]}
+
+
+@pytest.mark.parametrize("attack,expect", [
+    ("content a number", "message 0 (user) has empty or missing 'content'"),
+    ("a broken JSON line", "JSON parse error"),
+    ("an empty file", "holds no JSON lines"),
+])
+def test_odd_chat_rows_are_one_line(tmp_path, attack, expect):
+    path = tmp_path / "c.jsonl"
+    good = json.dumps(CHAT_ROW)
+    bad = {"content a number": json.dumps({"messages": [{"role": "user", "content": 5},
+                                                         {"role": "assistant", "content": "y"}]}),
+           "a broken JSON line": "{oops", "an empty file": None}[attack]
+    path.write_text("" if bad is None else "\n".join([good, bad, good]) + "\n")
+    line = cli_error("prepare", "--chat", "--dataset", "c", "--input", path, "--tokenizer", "char",
+                     "--data_dir", tmp_path / "d", "--block_size", 64)
+    assert expect in line and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "-1"),
+                                        ("--max_new_tokens", "-1"), ("--top_k", "-3")])
+def test_chat_flags_are_checked(trained, flag, value):
+    """chat.py: nan went greedy silently (nan > 0 is False); a negative length reached generate() as a traceback."""
+    assert flag in cli_error("chat", "--model", trained, flag, value)
+
+
+def test_a_data_dir_given_as_the_model_says_so(char_data_dir):
+    line = cli_error("sample", "--model", char_data_dir, "--device", "cpu")
+    assert "is a prepared dataset (a data_dir: meta.json, shards), not a model" in line
+
+
+def test_sample_start_file_that_is_a_folder(trained, tmp_path):
+    assert "a folder, not a file" in cli_error("sample", "--model", trained, "--start", f"FILE:{tmp_path}")
+
+
+def test_eval_out_that_is_a_folder_is_refused_before_evaluating(trained, char_data_dir, tmp_path, capsys):
+    line = cli_error("eval", "--model", trained, "--data_dir", char_data_dir, "--device", "cpu", "--out", tmp_path)
+    assert f"--out {tmp_path} is a folder" in line and "val" not in capsys.readouterr().out
+
+
+def test_push_to_a_malformed_repo_id_says_so_before_asking_for_a_token(trained, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "'not a valid id' is not a Hub repo id" in cli_error("push", trained, "not a valid id")
