@@ -1,7 +1,7 @@
 """examples/demo.py: the Gradio app launched as a real process, answered through gradio_client (gradio is an optional
 dependency: `pip install nanogpt_hf[demo]`; that test is skipped without it). Its error boundary (a bad --model or
-flag is one `error:` line, before gradio is imported) and its Space app.py without nanogpt_hf run without gradio. The headless-browser screenshot is a documented
-manual check (docs/serving.md)."""
+flag is one `error:` line, before gradio is imported) and its Space app.py without nanogpt_hf run without gradio.
+The headless-browser screenshot is a documented manual check (docs/serving.md)."""
 
 import json
 import os
