@@ -163,7 +163,7 @@ def load_model(name, device="cpu", trust_remote_code=False, flag="--model"):
         raise ValueError(f"{flag} {name}: the tokenizer in {source} (vocab hash {tokenizer_hash(tokenizer)}) "
                          f"is not the one the model was trained with ({source}/config.json records {recorded}): the "
                          "ids would decode to other text; restore its tokenizer files")
-    if recorded is None and os.path.isdir(source) and model.config.model_type == "nanogpt":
+    if recorded is None and os.path.isfile(os.path.join(source, "train_config.json")):  # a train.py out_dir
         print(f"note: {flag} {name} records no tokenizer hash (trained before it was recorded); its tokenizer is "
               "not checked", file=sys.stderr)
     return model.to(device).eval(), tokenizer

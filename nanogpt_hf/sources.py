@@ -199,11 +199,13 @@ def chunk_text(text, size=CHUNK_CHARS):
 
 
 def bounded(text):
-    """A row's text as the pieces the tokenizer gets: the text itself, or beyond MAX_ROW_CHARS (a Hub row or a
-    document without whitespace) pieces of at most MAX_ROW_CHARS, cut at whitespace in the last CHUNK_CHARS of
-    each where there is some (GPT-2-style tokens unchanged), else at MAX_ROW_CHARS. prepare's _encode passes every
-    row through here, whatever the source: the tokenizer never holds more than one bounded piece per thread."""
-    return [text] if len(text) <= MAX_ROW_CHARS else list(chunk_stream([text], MAX_ROW_CHARS - CHUNK_CHARS))
+    """A row's text as the pieces the tokenizer gets, each at most MAX_ROW_CHARS: the text itself, or for a longer
+    one (a Hub row, a document without whitespace) chunk_stream's rows, cut at a whitespace in the last CHUNK_CHARS
+    before MAX_ROW_CHARS where there is one (GPT-2-style tokens unchanged), else at MAX_ROW_CHARS. prepare's _encode
+    passes every row through here, whatever its source, so the tokenizer never holds more than one bounded piece
+    per thread."""
+    size = MAX_ROW_CHARS - CHUNK_CHARS  # as _document_rows cuts a local document: the same rows either way
+    return [text] if len(text) <= size else list(chunk_stream([text], size))
 
 
 def _scan_file(path, chars=False):
