@@ -11,10 +11,13 @@ What counts as the user's (bad flags, files, folders, refused pickles, damaged s
 network) ends the process with `error: <one line>` (exit 1, as before: SystemExit with the message); a stop signal
 after its checkpoint exits 128 + the signal. `--debug` (anywhere in argv, removed before main sees it) or
 NANOGPT_DEBUG=1 lets the exception through with its traceback. Anything else (TypeError, KeyError, ... in our
-code) was never the user's fault and keeps its traceback. This module imports nothing heavy: train.py --help stays
-torch-free.
+code) was never the user's fault and keeps its traceback. A write the disk refused (disk_error: full, quota,
+read-only, I/O error, file too large) is the user's too; `naming(path)` puts the file's path into it (a failed
+write() carries none). This module imports nothing heavy: train.py --help stays torch-free.
 """
 
+import contextlib
+import errno
 import functools
 import os
 import pickle
@@ -56,6 +59,33 @@ def one_line(e):
     return text
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)  # a write the disk refused
+
+
+def disk_error(e):
+    """The OSError of a refused write behind e (datasets wraps its own in DatasetGenerationError; pyarrow's carry
+    the errno only in their message), or None."""
+    while e is not None:
+        if isinstance(e, OSError) and (e.errno in DISK_ERRORS or e.errno is None and
+                                       any(f"[Errno {n}]" in str(e) for n in DISK_ERRORS)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming(path):
+    """A write that fails names its file: an OSError of write(), flush() or fsync() carries no path. path: the
+    file, or a callable giving it (None: nothing to name)."""
+    try:
+        yield
+    except OSError as e:
+        path = path() if callable(path) else path
+        if e.filename is None and path is not None:
+            e.filename = str(path)
+        raise
+
+
 def error_boundary(main):
     """Wrap a script's main(argv=None) (see the module docstring)."""
 
@@ -80,4 +110,5 @@ def error_boundary(main):
     return wrapper
 
 
-__all__ = ["error_boundary", "Interrupted", "one_line", "user_errors", "DEBUG_ENV"]
+__all__ = ["error_boundary", "Interrupted", "one_line", "user_errors", "disk_error", "naming", "DISK_ERRORS",
+           "DEBUG_ENV"]

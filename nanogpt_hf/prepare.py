@@ -29,6 +29,7 @@ import pyarrow as pa
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
+from .cli import disk_error, naming
 from .data import load_tokenizer
 from .data_format import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, shard_name, \
     token_dtype, tokenizer_hash
@@ -171,19 +172,6 @@ def _save_json(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def naming(path):
-    """A write that fails names its file: an OSError of write(), flush() or fsync() carries no path. path: the
-    file, or a callable giving it (None: nothing to name)."""
-    try:
-        yield
-    except OSError as e:
-        path = path() if callable(path) else path
-        if e.filename is None and path is not None:
-            e.filename = str(path)
-        raise
 
 
 def _naming_the_shard(method):
@@ -360,20 +348,6 @@ def _recover(data_dir):
     if not data_dir.exists() and _old_dir(data_dir).exists():
         os.replace(_old_dir(data_dir), data_dir)
     shutil.rmtree(_old_dir(data_dir), ignore_errors=True)
-
-
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)  # a write the disk refused
-
-
-def disk_error(e):
-    """The OSError of a refused write behind e (datasets wraps its own in DatasetGenerationError; pyarrow's carry
-    the errno only in their message), or None."""
-    while e is not None:
-        if isinstance(e, OSError) and (e.errno in DISK_ERRORS or e.errno is None and
-                                       any(f"[Errno {n}]" in str(e) for n in DISK_ERRORS)):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
 
 
 @contextlib.contextmanager
