@@ -319,6 +319,83 @@ def test_chat_cli_with_piped_stdin(sft_run):
     assert proc.stdout.count("> ") >= 3 and "(history cleared)" in proc.stdout
 
 
+class Terminal:
+    """A real examples/chat.py process on pipes, its stdout read by a thread: wait_for(text) blocks until text has
+    appeared after the last mark (generous timeouts: the machine may be loaded)."""
+
+    def __init__(self, model_dir):
+        import threading
+
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "examples/chat.py"), "--model", str(model_dir),
+                                      "--max_new_tokens", "100000", "--temperature", "1"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        self.out, self.mark = b"", 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while chunk := os.read(self.proc.stdout.fileno(), 4096):
+            self.out += chunk
+
+    def wait_for(self, text, timeout=300, min_chars=0):
+        import time
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            at = self.out.find(text.encode(), self.mark)
+            if at >= 0 and len(self.out) - self.mark >= min_chars:
+                self.mark = at + len(text)
+                return
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # (the reader thread's last bytes)
+                if self.out.find(text.encode(), self.mark) < 0:
+                    raise AssertionError(f"chat.py exited ({self.proc.returncode}) before {text!r}; output: "
+                                         f"{self.out[-2000:]!r}")
+                continue
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} within {timeout} s; output: {self.out[-2000:]!r}")
+
+    def send(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+
+def test_chat_cli_ctrl_c_stops_the_answer_not_the_program(tiktoken_cache, tmp_path):
+    """A real SIGINT to a real chat.py while it streams an answer: the answer stops ("(stopped)"), the prompt comes
+    back, and the next line (/reset, another question) is served. The model is an untrained one with GPT-2's
+    50,261 tokens and a 100,000-token context: it practically never says <|end|>, so the answer is still streaming
+    when the signal comes, however loaded the machine is."""
+    import signal
+
+    tok = chat.add_chat_tokens(gpt2_tokenizer())
+    cfg = NanoGPTConfig(vocab_size=len(tok), block_size=100_000, n_layer=1, n_head=2, n_embd=16, bias=False)
+    NanoGPTForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    term = Terminal(tmp_path / "m")
+    try:
+        term.wait_for("> ")
+        term.send("tell me a long story")
+        term.wait_for("", min_chars=200)  # 200 bytes of the answer streamed: generation is under way
+        term.proc.send_signal(signal.SIGINT)
+        term.wait_for("(stopped)")
+        term.wait_for("> ")  # the prompt again: the program goes on
+        assert term.proc.poll() is None
+        term.send("/reset")
+        term.wait_for("(history cleared)")
+        term.wait_for("> ")
+        term.send("another one")
+        term.wait_for("", min_chars=50)
+        term.proc.send_signal(signal.SIGINT)  # a second Ctrl-C works the same
+        term.wait_for("(stopped)")
+        term.wait_for("> ")
+        term.send("/quit")
+        assert term.proc.wait(timeout=120) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+            term.proc.wait()
+
+
 def test_chat_cli_refuses_a_model_without_a_chat_template(sft_run):
     root, _ = sft_run
     proc = subprocess.run([sys.executable, str(ROOT / "examples/chat.py"), "--model", str(root / "base")],
@@ -384,3 +461,4 @@ def test_cpu_recipe_reaches_80_percent_exact_match(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "sft_recipe.json").read_text())
     assert result["exact_match_before"] <= 0.05 and result["exact_match_after"] >= 0.8, result
+    assert result["conversations"]["dropped"] == 0, result  # every conversation, with a system turn or not, trained on
