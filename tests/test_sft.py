@@ -130,6 +130,42 @@ def test_long_conversations_are_cut_or_dropped_and_counted(tmp_path, capsys):
     assert sum(s["num_documents"] for s in meta["splits"].values()) == 21
 
 
+def test_pack_puts_whole_conversations_in_order_into_fewer_rows(chat_dir, tmp_path):
+    """--pack: the train split holds the same conversations in the same order, next-fit packed (each row as full as
+    the next conversation allows), masks along; val is byte for byte the unpacked one; the reader serves it."""
+    from nanogpt_hf.chat_data import row_of
+
+    src = write_jsonl(tmp_path / "c.jsonl", conversations(400))
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/prepare.py"), "--chat", "--pack", "--dataset=rev",
+                           f"--input={src}", "--tokenizer=char", "--block_size=32", f"--data_dir={tmp_path / 'p'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert meta["packed"] and meta["splits"]["train"]["num_documents"] == 360
+
+    def stream(data_dir, split):
+        """(tokens, mask) of a split's rows, each cut after its last target (the padding dropped), concatenated."""
+        d = TokenShards(data_dir, split)
+        ids = np.concatenate([np.asarray(s) for s in d.shards]).reshape(-1, 33)
+        mask = np.concatenate([np.asarray(m) for m in d.masks]).reshape(-1, 33)
+        ends = [int(np.flatnonzero(m).max()) + 1 for m in mask]  # every conversation ends with an answer
+        assert all((m[e:] == 0).all() for m, e in zip(mask, ends))
+        return (np.concatenate([r[:e] for r, e in zip(ids, ends)]), np.concatenate([m[:e] for m, e in zip(mask, ends)]),
+                ends, len(ids))
+
+    plain_ids, plain_mask, lengths, plain_rows = stream(chat_dir, "train")
+    packed_ids, packed_mask, _, packed_rows = stream(tmp_path / "p", "train")
+    assert np.array_equal(plain_ids, packed_ids) and np.array_equal(plain_mask, packed_mask)  # same order, same masks
+    assert packed_rows == row_of(lengths, 33, True)[-1] + 1 < plain_rows == 360  # next-fit: as full as in order fits
+    for name in [f for sh in meta["splits"]["val"]["shards"] for f in (sh["file"], sh["mask_file"])]:
+        assert (tmp_path / "p" / name).read_bytes() == (chat_dir / name).read_bytes()
+    data = TokenShards(tmp_path / "p", "train")
+    x, y = data.get_batch(8, 32, step=0)
+    starts = data.sample_starts(8, 32, step=0)
+    win_mask = np.stack([np.asarray(data.masks[0][s:s + 33]) for s in starts])
+    assert torch.equal(y == -100, torch.from_numpy(win_mask[:, 1:] == 0))
+
+
 # -----------------------------------------------------------------------------
 # the loss: masked gradients, token-normalised accumulation
 
