@@ -25,7 +25,7 @@ import numpy as np
 from . import prepare as prep
 from .sources import load_hub_dataset, resolve_inputs
 from .chat import add_chat_tokens, check_messages, end_token_id
-from .data import FORMAT_VERSION, token_dtype
+from .data_format import FORMAT_VERSION, token_dtype
 from .tokenization import build_char_tokenizer, gpt2_tokenizer, load_pretrained_tokenizer
 
 DEFAULT_BLOCK_SIZE = 256

@@ -325,7 +325,17 @@ def describe_newest(out_dir):
     return f"the newest checkpoint is {newest}: resume from it with --init_from resume"
 
 
+@contextlib.contextmanager
+def resume_hint(out_dir):
+    """A run that diverged (a FloatingPointError) says in its one line what there is to resume from."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}; {describe_newest(out_dir)}") from None
+
+
 __all__ = ["save", "load", "load_latest", "find_checkpoint", "checkpoints", "verify", "write_manifest", "read_state",
            "remove_unfinished_writes", "CheckpointWriteError", "CHECKPOINT_SLEEP_ENV", "MANIFEST", "full_state_dict",
            "rng_state", "set_rng_state", "torch_save", "saving", "quiet_progress", "file_mode", "apply_umask",
-           "describe_newest"]
+           "describe_newest", "resume_hint"]
+

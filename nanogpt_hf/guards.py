@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 
 from .chat import extends
 from .cli import Interrupted
-from .data import tokenizer_hash
+from .data_format import tokenizer_hash
 from .train_config import ARCHITECTURE, TrainConfig
 
 # SIGHUP: the terminal closed or the ssh connection dropped; SIGUSR2: what some schedulers send instead of USR1

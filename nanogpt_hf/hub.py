@@ -404,6 +404,19 @@ class BackgroundPusher:
         return done and self.last_error is None and self.last_commit is not None
 
 
+def push_final(pusher, best_val_loss, it, stop):
+    """The final push (if pushing), waited for: a failed push was logged, and the final state is worth one more
+    try. Each push ends by hub_limits's deadline however the server behaves; a stop signal ends the wait."""
+    message = f"nanogpt_hf: final model (best val loss {best_val_loss:.4f} at iter {it})"
+    for attempt in range(2 if pusher is not None else 0):
+        pusher.push(message)
+        while not pusher.wait(timeout=1.0):
+            if stop.requested or not pusher.busy:
+                break
+        if pusher.wait(timeout=0) or stop.requested:
+            return
+
+
 # -----------------------------------------------------------------------------
 # names given as --model / --tokenizer / --init_from: fail fast
 
@@ -438,3 +451,4 @@ def check_hub_name(name, flag, timeout=5.0) -> dict:
             _stderr(f"{flag} {name}: {_reason(e, endpoint)}; using the cached copy")
             return {"local_files_only": True}
         raise ValueError(f"{flag} {name}: {_reason(e, endpoint)}; it is not in the local cache either") from None
+

@@ -1,7 +1,7 @@
 """
 Preparing data, the Hugging Face way: the text as `datasets` rows (nanogpt_hf/sources.py) -> one batched `.map`
 to token ids, on --num_proc processes, cached by datasets -> the token shards + meta.json + tokenizer/ that
-nanogpt_hf/data.py describes and reads. examples/prepare.py is its command line.
+nanogpt_hf/data_format.py describes and nanogpt_hf/data.py reads. examples/prepare.py is its command line.
 
     prepare_dataset("shakespeare_char")                                  # -> data/shakespeare_char/
     prepare_dataset("mine", inputs=["a.txt"], tokenizer="bpe", vocab_size=8192)   # trains a BPE first
@@ -27,7 +27,8 @@ import pyarrow as pa
 from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
-from .data import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, load_tokenizer, shard_name, \
+from .data import load_tokenizer
+from .data_format import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, shard_name, \
     token_dtype, tokenizer_hash
 from .sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS, text_sources, texts
 from .tokenization import GPT2_EOT, build_char_tokenizer, char_vocab, compression, default_unk_char, gpt2_tokenizer, \

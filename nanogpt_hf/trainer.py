@@ -23,21 +23,17 @@ Batches are a pure function of (seed, iteration): resuming needs only the iterat
 the same updates on 1 process with 2 accumulation steps as on 2 processes with 1.
 
 Reading order: train() at the bottom is the script (setup, data, model, optimizer, the loop, the end). Above it
-are the pieces it calls: the schedules, RunState (what a checkpoint saves and a resume restores, as one object)
-and train_step() (one update: the micro-steps, clipping, the finite check, the optimizer step), which a
-benchmark calls too. Elsewhere: loading.py (the model), evaluation.py (the loss estimate), checkpoint.py,
-guards.py (lock, stop signals, disk room, resumability) and outputs.py (what goes into out_dir).
+are the pieces it calls: the schedules, micro_batches and train_step() (one update: the micro-steps, clipping, the
+finite check, the optimizer step), which a benchmark calls too. Elsewhere: run_state.py (RunState: what a
+checkpoint saves and a resume restores, as one object), loading.py (the model), evaluation.py (the loss estimate),
+checkpoint.py, guards.py (lock, stop signals, disk room, resumability), monitor.py (the log line's numbers,
+trackers) and outputs.py (what goes into out_dir).
 """
 
-import contextlib
-import dataclasses
-import hashlib
-import importlib.util
-import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,13 +43,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import guards, outputs
-from .checkpoint import CHECKPOINT_SLEEP_ENV, find_checkpoint  # noqa: F401 (API)
+from .checkpoint import CHECKPOINT_SLEEP_ENV, find_checkpoint, resume_hint  # noqa: F401 (API)
 from .data import TokenizerMismatch, TokenShards, load_tokenizer
 from .evaluation import evaluate_loss
-from .hub import BackgroundPusher, resolve_data_dir
+from .hub import BackgroundPusher, push_final, resolve_data_dir
 from .loading import build_model
-from .lora import base_source
+from .monitor import Meter, digest, init_trackers, open_dump, write_dump  # noqa: F401 (digest: API)
 from .optim import build_optimizer, lr_scales, set_lr
+from .run_state import RunState, load_run_state  # noqa: F401 (RunState: API)
 from .train_config import TrainConfig, resolve_mixed_precision
 
 EVAL_MICRO_STEP = 1  # training draws its batches with micro_step 0, evaluation from this separate stream
@@ -100,50 +97,6 @@ def micro_batches(data, cfg, it, accelerator):
             torch._dynamo.maybe_mark_dynamic(x, 0)
             torch._dynamo.maybe_mark_dynamic(y, 0)
         yield x, y
-
-
-# -----------------------------------------------------------------------------
-# the resumable state: one object, saved whole in every checkpoint
-
-
-@dataclass
-class RunState:
-    """What a checkpoint's trainer_state.json holds and a resumed run continues from. The field names are its JSON
-    keys, in their order; a checkpoint of an older version may lack the last three (they take their defaults)."""
-    iter: int = 0  # iterations done
-    best_val_loss: float = math.inf  # the best model's val loss (the untrained model's after iter 0's evaluation)
-    history: list = field(default_factory=list)  # {iter, train_loss, val_loss} of every evaluation
-    tokens_seen: int = 0  # training tokens, all ranks together
-    train_time_s: float = 0.0  # seconds in iterations (evaluation and saving left out), all sessions of the run
-    wall_time_s: float = 0.0  # seconds since the run started, all sessions together
-    config: dict = field(default_factory=dict)  # the TrainConfig (guards.check_resumable compares the architecture)
-    data_vocab_size: int = 0  # the data's vocab size
-    world_size: int = 1  # processes (each saved its rng_state_<rank>.pt)
-    results: dict = field(default_factory=dict)  # the best model's numbers (out_dir/results.json)
-    skipped_updates: int = 0  # updates skipped for a non-finite loss (--nan_policy skip)
-    tokenizer_hash: str | None = None  # guards.tokenizer_hash of the data's tokenizer
-    lora_base: str | None = None  # --lora_r: the model the adapters sit on (checkpoints hold only the adapters)
-    run_id: str | None = None  # out_dir's run (guards.RUN_MARKER): checkpoint.save prunes only this run's checkpoints
-    resumes: list = field(default_factory=list)  # {iter, changes: {setting: [old, new]}}: resumes that changed any
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    def add_evaluation(self, losses):
-        """Record this iteration's {"train": loss, "val": loss}; True if the val loss is a new best. At iter 0 it only
-        sets the bar: the untrained model's val loss, which a best model must beat."""
-        self.history.append({"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"]})
-        improved = losses["val"] < self.best_val_loss and self.iter > 0
-        if improved or self.iter == 0:
-            self.best_val_loss = losses["val"]
-        return improved
-
-    @classmethod
-    def from_dict(cls, saved, **now):
-        """A checkpoint's trainer_state.json -> RunState, with the fields in `now` (this run's config, vocab size,
-        world size, tokenizer hash) replacing the saved ones; keys this version doesn't know are left out."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in saved.items() if k in names}, **now})
 
 
 # -----------------------------------------------------------------------------
@@ -303,124 +256,6 @@ def estimate_loss(model, splits, cfg, accelerator, stop=None):
             return None
         out[name] = r["loss"]
     return out
-
-
-class Meter:
-    """A log line's numbers over the iterations since the last one, evaluation and saving left out: time per
-    iteration, tokens/s, nanoGPT's running MFU, and how many updates were clipped (counted on the device)."""
-
-    def __init__(self, device):
-        self.t, self.iters, self.tokens, self.mfu = time.time(), 0, 0, -1.0
-        self.clipped = torch.zeros((), device=device)
-
-    def exclude(self, seconds):
-        self.t += seconds
-
-    def count(self, tokens, norm, grad_clip):
-        self.iters, self.tokens = self.iters + 1, self.tokens + tokens
-        if norm is not None and grad_clip:
-            self.clipped += norm > grad_clip  # no sync
-
-    def report(self, it, loss, lr, norm, model, sequences):
-        """(the log line of iteration it, its metrics for the trackers); starts the next window. loss: averaged
-        over the ranks; sequences: per iteration and rank (for the MFU)."""
-        elapsed = time.time() - self.t
-        mfu = model.estimate_mfu(sequences, elapsed / self.iters) if it >= 5 else None  # after warm-up
-        if mfu is not None:
-            self.mfu = mfu if self.mfu == -1.0 else 0.9 * self.mfu + 0.1 * mfu
-        normf, clipped = (norm.item() if norm is not None else float("nan")), int(self.clipped.item())
-        mfu_text = f"{self.mfu * 100:.2f}%" if self.mfu >= 0 else "n/a"  # n/a: CPU, unknown GPU
-        text = (f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, time {elapsed / self.iters * 1000:.2f}ms, "
-                f"{self.tokens / elapsed:,.0f} tok/s, mfu {mfu_text}, grad norm {normf:.3f} "
-                f"(clipped {clipped}/{self.iters})")
-        metrics = {"train/loss": loss, "lr": lr, "grad_norm": normf, "clipped": clipped,
-                   "tokens_per_s": self.tokens / elapsed}
-        self.t, self.iters, self.tokens = time.time(), 0, 0
-        self.clipped.zero_()
-        return text, metrics
-
-
-def digest(tensors):
-    """A short hash of some tensors' values (bit-exact comparisons of weights and batches in tests)."""
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def open_dump(cfg, rank):
-    """--debug_dump_dir: this rank's jsonl of per-iteration batch and weight digests (tests compare runs), or None."""
-    if not cfg.debug_dump_dir:
-        return None
-    Path(cfg.debug_dump_dir).mkdir(parents=True, exist_ok=True)
-    return open(Path(cfg.debug_dump_dir) / f"rank{rank}.jsonl", "a")
-
-
-def write_dump(dump, it, loss, batches, model):
-    """One line: iteration it's loss, its micro-batches (drawn again: they are a pure function of it) and the
-    weights after its update, as digests."""
-    dump.write(json.dumps({"iter": it, "loss": loss.item(), "batch": digest(x for x, _ in batches),
-                           "weights": digest(model.parameters())}) + "\n")
-    dump.flush()
-
-
-def init_trackers(accelerator, cfg):
-    if cfg.report_to == "none":
-        return
-    if importlib.util.find_spec(cfg.report_to) is None:
-        raise ValueError(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed "
-                         f"(pip install {cfg.report_to})")
-    init_kwargs = {"wandb": {"name": cfg.run_name}} if cfg.run_name and cfg.report_to == "wandb" else {}
-    accelerator.init_trackers(cfg.project_name, config=cfg.to_dict(), init_kwargs=init_kwargs)
-
-
-def load_run_state(cfg, accelerator, data, tokenizer, log=print):
-    """(RunState, checkpoint folder): a fresh state, or for --init_from resume the newest checkpoint that verifies,
-    if it fits this run (guards.check_resumable); the config, vocab size, world size and tokenizer hash are this
-    run's either way. Call it holding out_dir's lock: what a killed run left half-written goes first."""
-    out_dir = Path(cfg.out_dir)
-    if accelerator.is_main_process:
-        ckpt.remove_unfinished_writes(out_dir)
-    now = dict(config=cfg.to_dict(), data_vocab_size=data.vocab_size, world_size=accelerator.num_processes,
-               tokenizer_hash=guards.tokenizer_hash(tokenizer), run_id=guards.run_id(out_dir))
-    state, ckpt_dir = RunState(**now), None
-    if cfg.init_from == "resume":
-        ckpt_dir, saved = ckpt.load_latest(out_dir / "checkpoints", log=log)
-        if ckpt_dir is None:
-            raise ValueError(f"--init_from resume: no complete checkpoint in {out_dir / 'checkpoints'}; start the run "
-                             "with --init_from scratch (or a pretrained model)")
-        guards.check_resumable(saved, cfg, data, ckpt_dir, now["tokenizer_hash"])
-        state = RunState.from_dict(saved, **now)
-        log(f"resuming training from {ckpt_dir} (iter {state.iter})")
-        changes = guards.resume_changes(saved["config"], cfg, saved.get("world_size", 1), accelerator.num_processes)
-        if changes:  # allowed, but never silent: printed, and kept in every later checkpoint's history
-            log("resume changes: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-            state.resumes.append({"iter": state.iter, "changes": changes})
-    if cfg.lora_r:  # what the adapters sit on: where the run started (LoRA checkpoints hold only the adapters)
-        state.lora_base = state.lora_base or base_source(cfg)
-    return state, ckpt_dir
-
-
-def push_final(pusher, best_val_loss, it, stop):
-    """The final push (if pushing), waited for: a failed push was logged, and the final state is worth one more
-    try. Each push ends by hub.hub_limits's deadline however the server behaves; a stop signal ends the wait."""
-    message = f"nanogpt_hf: final model (best val loss {best_val_loss:.4f} at iter {it})"
-    for attempt in range(2 if pusher is not None else 0):
-        pusher.push(message)
-        while not pusher.wait(timeout=1.0):
-            if stop.requested or not pusher.busy:
-                break
-        if pusher.wait(timeout=0) or stop.requested:
-            return
-
-
-@contextlib.contextmanager
-def resume_hint(out_dir):
-    """A run that diverged (a FloatingPointError) says in its one line what there is to resume from."""
-    try:
-        yield
-    except FloatingPointError as e:
-        raise FloatingPointError(f"{e}; {ckpt.describe_newest(out_dir)}") from None
 
 
 # -----------------------------------------------------------------------------
