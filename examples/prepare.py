@@ -68,6 +68,8 @@ def parse_args(argv=None):
                                                        "SFT: chat tokens + template, a loss mask on the answers")
     p.add_argument("--block_size", type=int, help="--chat: the training block_size; each conversation is one row "
                                                   "of block_size + 1 tokens (default 256)")
+    p.add_argument("--pack", action="store_true", help="--chat: several whole conversations per train row while "
+                                                       "they fit (less padding); val keeps one per row")
     p.add_argument("--overwrite", action="store_true", help="replace a data_dir prepared with another tokenizer")
     return p.parse_args(argv)
 
@@ -84,7 +86,8 @@ def main(argv=None):
                          hf_revision=args.hf_revision,
                          column=args.text_column if args.text_column != "text" else "messages",
                          block_size=args.block_size or DEFAULT_BLOCK_SIZE, val_fraction=args.val_fraction or 0.1,
-                         seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite, num_proc=args.num_proc)
+                         seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite, num_proc=args.num_proc,
+                         pack=args.pack)
             return
         prepare_dataset(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer,
                         hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,

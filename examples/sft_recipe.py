@@ -24,9 +24,12 @@ LETTERS = "abcdefghij"
 TASKS = {"reverse": lambda w: w[::-1], "copy": lambda w: w, "first": lambda w: w[0], "last": lambda w: w[-1]}
 
 
+SYSTEM = "be brief"  # short enough that every conversation fits a row of 33 tokens: none is dropped
+
+
 def conversation(task, word, system=False):
     messages = [{"role": "user", "content": f"{task}: {word}"}, {"role": "assistant", "content": TASKS[task](word)}]
-    return ([{"role": "system", "content": "answer with the letters only"}] if system else []) + messages
+    return ([{"role": "system", "content": SYSTEM}] if system else []) + messages
 
 
 def make_sets(n_train, n_test, seed=0, min_len=3, max_len=4):
@@ -126,8 +129,9 @@ def main(argv=None):
     base.save_pretrained(work / "base_chat")
     tok.save_pretrained(work / "base_chat")
     before, after = exact_match(work / "base_chat", test), exact_match(work / "sft", test)
+    chat = json.loads((work / "data_chat" / "meta.json").read_text())["chat"]  # {conversations, truncated, dropped}
     result = dict(exact_match_before=before, exact_match_after=after, n_test=len(test), base_iters=base_iters,
-                  sft_iters=sft_iters, wall_time_s=round(time.time() - t0, 1))
+                  sft_iters=sft_iters, conversations=chat, wall_time_s=round(time.time() - t0, 1))
     (work / "sft_recipe.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"held-out exact match: base {before:.1%}, after SFT {after:.1%} ({len(test)} conversations); "
           f"{result['wall_time_s']} s in all")

@@ -7,10 +7,12 @@ is its command line.
 
 Each conversation is rendered with the chat template, checked (a malformed row is a one-line error naming it), and
 padded to one row of block_size + 1 tokens (the pad is <|end|> with mask 0), so that the reader's windows start at a
-conversation and never mix two. A longer conversation is cut to the row if that keeps some assistant tokens, else
-dropped; how many of each is printed and kept in meta.json. Rows are rendered through datasets' .map (memory-mapped,
-cached), then written by prepare.py's ShardWriter: shards committed one by one, resumable, the dataset moved into
-place in one rename, memory bounded by one batch of rows.
+conversation and never mix two. --pack fills the train rows with several whole conversations in order (fewer rows,
+less padding; attention runs across the conversations of a row, the simplification TRL and nanochat make too, and
+the mask still keeps the loss on the answers only); val rows stay one conversation each. A longer conversation is
+cut to the row if that keeps some assistant tokens, else dropped; how many of each is printed and kept in meta.json.
+Rows are rendered through datasets' .map (memory-mapped, cached), then written by prepare.py's ShardWriter: shards
+committed one by one, resumable, the dataset moved into place in one rename, memory bounded by one batch of rows.
 """
 
 import json
@@ -104,9 +106,12 @@ def render_rows(batch, indices, tokenizer, row_len):
 
 def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_dataset=None, hf_config=None,
                  hf_split="train", hf_revision=None, column="messages", block_size=DEFAULT_BLOCK_SIZE,
-                 val_fraction=0.1, seed=prep.DEFAULT_SEED, shard_size=None, overwrite=False, num_proc=None):
+                 val_fraction=0.1, seed=prep.DEFAULT_SEED, shard_size=None, overwrite=False, num_proc=None,
+                 pack=False):
     """Conversations -> data_dir (default data/<dataset>): shards, NAME.mask loss masks, meta.json, tokenizer/.
-    Returns meta.json as a dict."""
+    pack: several conversations per train row (in order, while they fit; attention runs across them, as in TRL's
+    and nanochat's packing, and the mask keeps the loss on the answers); val stays one conversation per row, so
+    its loss is the same with or without packing. Returns meta.json as a dict."""
     t0 = time.time()
     if not inputs and not hf_dataset:
         raise ValueError("--chat needs the conversations: --input FILE.jsonl or --hf_dataset ID_OR_FOLDER")
@@ -141,7 +146,7 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
     parts = kept.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
     request = dict(version=FORMAT_VERSION, chat=True, dataset=dataset, source=source, fingerprint=ds._fingerprint,
                    tokenizer=tokenizer, vocab_size=vocab_size, block_size=block_size, val_fraction=val_fraction,
-                   seed=seed, shard_size=shard_size)
+                   seed=seed, shard_size=shard_size, pack=pack)
 
     with prep.work_dir(data_dir) as work:  # a full disk: one line naming the file; the partial folder removed
         progress = _progress(work, data_dir, request)
@@ -150,7 +155,7 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
             state = progress["splits"][split]
             if not state["done"]:
                 writer = prep.ShardWriter(work, split, state, progress, dtype, shard_size, "nanogpt", dataset, mask=True)
-                _write_rows(part, writer, row_len, pad, dtype)
+                _write_rows(part, writer, row_len, pad, dtype, pack=pack and split == "train")
         splits = {s: dict(num_tokens=sum(sh["num_tokens"] for sh in st["shards"]), shards=st["shards"],
                           num_documents=st["documents"]) for s, st in progress["splits"].items()}
         shutil.rmtree(work / "tokenizer", ignore_errors=True)
@@ -158,15 +163,15 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
         meta = dict(format_version=1, dataset=dataset, source=source, tokenizer=tokenizer,
                     tokenizer_class=type(tok).__name__, vocab_size=vocab_size, eot_token_id=None, dtype=dtype,
                     split_by="conversations", val_fraction=val_fraction, seed=seed, shard_size=shard_size,
-                    loss_mask=True, row_len=row_len, chat=counts, splits=splits)
+                    loss_mask=True, row_len=row_len, packed=pack, chat=counts, splits=splits)
         (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         prep._commit(work, data_dir)
     print(f"prepared {len(kept)} conversations of {dataset} in {data_dir}: tokenizer {tokenizer} + chat tokens, "
           f"vocab_size {vocab_size}, rows of {row_len} tokens, {time.time() - t0:.1f} s")
     for s, info in splits.items():
         masked = sum(int(np.fromfile(data_dir / sh["mask_file"], np.uint8).sum()) for sh in info["shards"])
-        print(f"  {s:5s} {info['num_documents']:>8,} conversations {info['num_tokens']:>12,} tokens, "
-              f"{masked:,} of them trained on")
+        print(f"  {s:5s} {info['num_documents']:>8,} conversations in {info['num_tokens'] // row_len:>8,} rows "
+              f"{info['num_tokens']:>12,} tokens, {masked:,} of them trained on")
     return meta
 
 
@@ -190,16 +195,40 @@ def _progress(work, data_dir, request):
     return progress
 
 
-def _write_rows(part, writer, row_len, pad, dtype, batch_size=1000):
-    """The split's rendered rows, each padded to row_len, -> writer, from its recorded resume point (shards hold
-    whole rows, so a resume starts at a row)."""
-    start = writer.state["next_item"]
-    for i in range(start, len(part), batch_size):
-        rows = part[i:i + batch_size]
-        n = len(rows["input_ids"])
-        flat = np.full((n, row_len), pad, dtype=dtype)  # (n, row_len)
-        mask = np.zeros((n, row_len), dtype=np.uint8)
-        for r, (ids, m) in enumerate(zip(rows["input_ids"], rows["loss_mask"])):
-            flat[r, :len(ids)], mask[r, :len(m)] = ids, m
-        writer.write(flat.reshape(-1), np.full(n, row_len), np.ones(n, bool), i, 0, mask.reshape(-1))
+def _write_rows(part, writer, row_len, pad, dtype, pack=False, batch_size=1000):
+    """The split's rendered rows -> writer, from its recorded resume point (shards hold whole rows, so a resume
+    starts at a row). Each conversation is padded to row_len; pack=True puts consecutive conversations into one
+    row while they fit (then the padding), batches aligned to batch_size so a resumed run packs as an
+    uninterrupted one did."""
+    i = writer.state["next_item"]
+    while i < len(part):
+        end = min(len(part), (i // batch_size + 1) * batch_size)
+        rows = part[i:end]
+        ids, masks = rows["input_ids"], rows["loss_mask"]
+        where = row_of([len(t) for t in ids], row_len, pack)  # (n,) the row of each conversation
+        n_rows = where[-1] + 1
+        flat = np.full((n_rows, row_len), pad, dtype=dtype)  # (n_rows, row_len)
+        mask = np.zeros((n_rows, row_len), dtype=np.uint8)
+        spans, used = np.zeros(len(ids), np.int64), np.zeros(n_rows, np.int64)
+        for k, (r, t, m) in enumerate(zip(where, ids, masks)):
+            flat[r, used[r]:used[r] + len(t)], mask[r, used[r]:used[r] + len(m)] = t, m
+            used[r] += len(t)
+            spans[k] = len(t)
+        last = np.r_[where[1:] != where[:-1], True]  # the last conversation of its row owns the row's padding
+        spans[last] += row_len - used
+        writer.write(flat.reshape(-1), spans, np.ones(len(ids), bool), i, 0, mask.reshape(-1))
+        i = end
     writer.close(len(part))
+
+
+def row_of(lengths, row_len, pack):
+    """(n,) the row of each conversation (of lengths <= row_len tokens): one each, or next-fit packed in order (a
+    row takes the next conversation while it fits: where the rows go depends only on where the first one starts)."""
+    if not pack:
+        return np.arange(len(lengths))
+    out, row, used = np.empty(len(lengths), np.int64), 0, 0
+    for k, n in enumerate(lengths):
+        if used and used + n > row_len:
+            row, used = row + 1, 0
+        out[k], used = row, used + n
+    return out
