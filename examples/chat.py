@@ -51,12 +51,15 @@ def main(argv=None):
     import torch
     from transformers import TextStreamer
 
+    from nanogpt_hf.chat import turn_token_in
     from nanogpt_hf.loading import load_model
 
     try:
         model, tok = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.system and turn_token_in(args.system):
+        raise ValueError(f"--system holds the chat token {turn_token_in(args.system)}, which would end the system turn")
     if not tok.chat_template:
         sys.exit(f"error: --model {args.model}: its tokenizer has no chat template; train it on conversations "
                  "(examples/prepare.py --chat, docs/sft.md)")
@@ -84,6 +87,9 @@ def main(argv=None):
             print("(history cleared)", flush=True)
             continue
         if not line:
+            continue
+        if turn_token_in(line):  # the tokenizer would read it as a turn boundary: the model would see a fake turn
+            print(f"(the message holds the chat token {turn_token_in(line)} and was not sent)", flush=True)
             continue
         history.append({"role": "user", "content": line})
         budget = context - min(args.max_new_tokens, context // 2)  # leave room for the answer

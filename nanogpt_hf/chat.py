@@ -52,9 +52,14 @@ def end_token_id(tokenizer):
     return tokenizer.convert_tokens_to_ids(END)
 
 
+def turn_token_in(text):
+    """The first chat token (<|user|>, <|end|>, ...) written literally in text, or None."""
+    return next((t for t in CHAT_TOKENS if t in text), None)
+
+
 def check_messages(messages, where="row"):
     """A ValueError naming `where` for a conversation that is not [{role, content}, ...] with known roles, non-empty
-    string contents, and at least one assistant turn (else it has nothing to train on)."""
+    string contents free of chat tokens, and at least one assistant turn (else it has nothing to train on)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -65,6 +70,9 @@ def check_messages(messages, where="row"):
         content = m.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ValueError(f"{where}: message {i} ({m['role']}) has empty or missing 'content'")
+        if turn_token_in(content):  # the tokenizer would read it as a turn boundary: fake turns, a wrong loss mask
+            raise ValueError(f"{where}: message {i} ({m['role']}) contains the chat token {turn_token_in(content)!r}, "
+                             "which would split the turn and mislabel the loss mask; remove it from the data")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: no assistant message (nothing to train on)")
 
