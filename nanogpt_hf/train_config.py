@@ -307,6 +307,8 @@ def read_yaml(path):
     """A YAML config file -> its data: safe loading only (no code, no tags), a repeated key refused; errors are
     one line naming the file and the line."""
     path = Path(path)
+    if path.is_dir():  # e.g. an out_dir given where the YAML goes
+        raise ValueError(f"config file {path} is a folder; give a YAML file (examples/configs/*.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     try:

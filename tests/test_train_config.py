@@ -103,6 +103,8 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
         parse_config([write(tmp_path, "- a\n- b\n")])
     with pytest.raises(FileNotFoundError, match="config file nope.yaml not found"):
         parse_config(["nope.yaml"])
+    with pytest.raises(ValueError, match="is a folder; give a YAML file"):  # e.g. an out_dir in the YAML's place
+        parse_config([str(tmp_path)])
     with pytest.raises(ValueError, match="could not determine a constructor"):  # safe_load: no Python objects
         parse_config([write(tmp_path, "out_dir: !!python/object/apply:os.system ['true']\n")])
     assert parse_config([write(tmp_path, "# only a comment\n")]) == TrainConfig()
