@@ -48,6 +48,8 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.top_k < 0:
         raise ValueError(f"--max_new_tokens must be >= 1 and --top_k >= 0, got {args.max_new_tokens}, {args.top_k}")
 
+    import signal
+
     import torch
     from transformers import TextStreamer
 
@@ -70,6 +72,9 @@ def main(argv=None):
     history = list(start)
     sample = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k) if args.temperature > 0 \
         else dict(do_sample=False)
+    # Ctrl-C must raise KeyboardInterrupt (stop the answer): Python installs that handler only where SIGINT was not
+    # ignored at start, and a parent may ignore it (a shell's `&` job, CI runners); install it ourselves
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("chat with", args.model, "(/reset clears the history, /quit or Ctrl-D ends)", flush=True)
     while True:
         try:
