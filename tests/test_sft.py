@@ -23,6 +23,7 @@ from nanogpt_hf.data import TokenShards
 from nanogpt_hf.modeling_nanogpt import NanoGPTForCausalLM
 from nanogpt_hf.tokenization import build_char_tokenizer, gpt2_tokenizer
 from nanogpt_hf.trainer import train, train_step
+from test_data_scale import PREPARE, all_files, kill_prepare_after
 from test_distributed import free_port
 from test_trainer import final_weights, read_dump, tiny_args, tiny_cfg
 
@@ -177,6 +178,30 @@ def tiny_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     return NanoGPTForCausalLM(NanoGPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
                                             dropout=0.0))
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_prepare_chat_killed_between_shards_resumes_to_the_same_bytes(pack, tmp_path):
+    """prepare.py --chat, a real process killed with SIGKILL between two shards: the same command again resumes,
+    keeps the shards (and masks) written before the kill, and gives the bytes of an uninterrupted run."""
+    jsonl = write_jsonl(tmp_path / "c.jsonl", conversations(400))
+    argv = ["--chat", "--dataset", "rev", "--input", str(jsonl), "--tokenizer", "char", "--block_size", "32",
+            "--shard_size", "1650"] + (["--pack"] if pack else [])  # 50 rows of 33 tokens a shard: 5+ train shards
+
+    def prepare(d):
+        proc = subprocess.run([sys.executable, str(PREPARE), "--data_dir", str(d), *argv], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    prepare(tmp_path / "ref")
+    d = tmp_path / "d"
+    work = kill_prepare_after(d, argv, "train_002.bin")
+    assert not d.exists() and not (work / "meta.json").exists()
+    kept = {f: (work / f).stat().st_ino for f in ("train_000.bin", "train_000.mask", "train_002.bin")}
+    assert "resuming the prepare" in prepare(d)
+    assert {f: (d / f).stat().st_ino for f in kept} == kept  # what was written before the kill was kept
+    assert all_files(d) == all_files(tmp_path / "ref") and not work.exists()
 
 
 def test_gradients_are_exactly_zero_on_prompt_tokens(chat_dir):
