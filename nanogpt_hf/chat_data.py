@@ -46,10 +46,11 @@ def load_conversations(inputs=None, hf_dataset=None, hf_config=None, hf_split="t
         try:
             ds = datasets.load_dataset("json", data_files=paths, split="train")
         except Exception as e:
-            if isinstance(e, StopIteration):  # the json builder found no line at all
-                raise ValueError(f"--input {' '.join(paths)} holds no JSON lines (empty?)") from None
             if type(e).__name__ == "DatasetGenerationError":  # its message says nothing; its cause names the row
                 e = e.__cause__ or e.__context__ or e
+            # the json builder found no line at all (datasets 4.0 says it with a SchemaInferenceError)
+            if isinstance(e, StopIteration) or type(e).__name__ == "SchemaInferenceError":
+                raise ValueError(f"--input {' '.join(paths)} holds no JSON lines (empty?)") from None
             raise ValueError(f"could not read {' '.join(paths)} as JSON lines ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         if column not in ds.column_names:

@@ -818,9 +818,11 @@ CHAT_ROW = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assi
 
 
 @pytest.mark.parametrize("attack,expect", [
-    ("content a number", "message 0 (user) has empty or missing 'content'"),
-    ("a broken JSON line", "JSON parse error"),
-    ("an empty file", "holds no JSON lines"),
+    # (datasets 4.0's Arrow JSON reader refuses the mixed types itself: "... content) changed from string to number
+    # in row 1"; newer ones read the row and check_messages refuses it)
+    ("content a number", ("message 0 (user) has empty or missing 'content'", "changed from string to number")),
+    ("a broken JSON line", ("JSON parse error",)),
+    ("an empty file", ("holds no JSON lines",)),
 ])
 def test_odd_chat_rows_are_one_line(tmp_path, attack, expect):
     path = tmp_path / "c.jsonl"
@@ -831,7 +833,7 @@ def test_odd_chat_rows_are_one_line(tmp_path, attack, expect):
     path.write_text("" if bad is None else "\n".join([good, bad, good]) + "\n")
     line = cli_error("prepare", "--chat", "--dataset", "c", "--input", path, "--tokenizer", "char",
                      "--data_dir", tmp_path / "d", "--block_size", 64)
-    assert expect in line and not (tmp_path / "d").exists()
+    assert any(e in line for e in expect) and not (tmp_path / "d").exists(), line
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "-1"),
