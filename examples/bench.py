@@ -150,26 +150,23 @@ def time_to_loss_runs(args):
 @error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        what = [w.strip() for w in args.what.split(",") if w.strip()]
-        if not what or set(what) - set(WHAT):
-            raise ValueError(f"--what takes a comma-separated list of {', '.join(WHAT)}, got {args.what!r}")
-        if min(args.iters, args.gen_repeats, args.gen_nocache_repeats, args.data_iters) < 1 or args.warmup < 0:
-            raise ValueError("--iters, --gen_repeats, --gen_nocache_repeats and --data_iters must be >= 1, "
-                             "--warmup >= 0")
-        device = str(check_device(args.device)) if args.device else default_device()
-        dtype = autocast_dtype(device, args.dtype)
-        shape = make_shape(args.preset, args)
-        gen_shape = shape if args.gen_shape == "custom" else Shape(**PRESETS[args.gen_shape])
-        batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",")]
-        if args.text is not None and not Path(args.text).is_file():
-            raise FileNotFoundError(f"--text {args.text}: no such file")
-        runs = time_to_loss_runs(args) if "time_to_loss" in what else None
-        bf16_shapes = [name.strip() for name in args.bf16_shapes.split(",") if name.strip()]
-        if set(bf16_shapes) - set(PRESETS):
-            raise ValueError(f"--bf16_shapes takes presets of {', '.join(PRESETS)}, got {args.bf16_shapes!r}")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    if not what or set(what) - set(WHAT):
+        raise ValueError(f"--what takes a comma-separated list of {', '.join(WHAT)}, got {args.what!r}")
+    if min(args.iters, args.gen_repeats, args.gen_nocache_repeats, args.data_iters) < 1 or args.warmup < 0:
+        raise ValueError("--iters, --gen_repeats, --gen_nocache_repeats and --data_iters must be >= 1, "
+                         "--warmup >= 0")
+    device = str(check_device(args.device)) if args.device else default_device()
+    dtype = autocast_dtype(device, args.dtype)
+    shape = make_shape(args.preset, args)
+    gen_shape = shape if args.gen_shape == "custom" else Shape(**PRESETS[args.gen_shape])
+    batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",")]
+    if args.text is not None and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text {args.text}: no such file")
+    runs = time_to_loss_runs(args) if "time_to_loss" in what else None
+    bf16_shapes = [name.strip() for name in args.bf16_shapes.split(",") if name.strip()]
+    if set(bf16_shapes) - set(PRESETS):
+        raise ValueError(f"--bf16_shapes takes presets of {', '.join(PRESETS)}, got {args.bf16_shapes!r}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,13 +185,10 @@ def main(argv=None):
             print(r.pop("profile"))
             print(f"  trace written to {args.profile}/ (open it in https://ui.perfetto.dev or chrome://tracing)")
     if "generate" in what:
-        try:
-            r = bench_generate(gen_shape, device, batch_sizes=batch_sizes, new_tokens=args.gen_tokens,
-                               repeats=args.gen_repeats, nocache_repeats=args.gen_nocache_repeats, bias=args.bias,
-                               reference=not args.no_reference, dtype=dtype, seed=args.seed, activation=args.activation,
-                               gpt2_activation=args.gpt2_activation)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        r = bench_generate(gen_shape, device, batch_sizes=batch_sizes, new_tokens=args.gen_tokens,
+                           repeats=args.gen_repeats, nocache_repeats=args.gen_nocache_repeats, bias=args.bias,
+                           reference=not args.no_reference, dtype=dtype, seed=args.seed, activation=args.activation,
+                           gpt2_activation=args.gpt2_activation)
         results["generate"] = r
         print(format_generate(r))
         r = bench_sample(gen_shape, device, num_samples=args.sample_num, new_tokens=args.sample_tokens, dtype=dtype,
@@ -208,31 +202,22 @@ def main(argv=None):
         print(format_bf16(r))
     if "data" in what:
         with tempfile.TemporaryDirectory(prefix="nanogpt_bench_") as tmp:
-            try:
-                data_dir = args.data_dir or prepare_bench_data(args.text, tmp)
-                r = bench_data(data_dir, shape.batch_size, shape.block_size, step_ms, n=args.data_iters)
-            except (ValueError, OSError) as e:
-                sys.exit(f"error: {e}")
+            data_dir = args.data_dir or prepare_bench_data(args.text, tmp)
+            r = bench_data(data_dir, shape.batch_size, shape.block_size, step_ms, n=args.data_iters)
         results["data"] = r
         print(format_data(r))
     if "prepare" in what:
         with tempfile.TemporaryDirectory(prefix="nanogpt_bench_prepare_") as tmp:
-            try:
-                text = bench_text(args.text, tmp, args.prepare_mb)
-                r = bench_prepare(text, tmp, num_proc=args.num_proc, repeats=args.prepare_repeats,
-                                  tokenizers=[t for t in args.prepare_tokenizers.split(",") if t])
-            except (ValueError, OSError) as e:
-                sys.exit(f"error: {e}")
+            text = bench_text(args.text, tmp, args.prepare_mb)
+            r = bench_prepare(text, tmp, num_proc=args.num_proc, repeats=args.prepare_repeats,
+                              tokenizers=[t for t in args.prepare_tokenizers.split(",") if t])
         results["prepare"] = r
         print(format_prepare(r))
     if "time_to_loss" in what:
         ttl_device = args.device or ("cpu" if any(cfg.cpu for cfg in runs.values()) else device)
-        try:
-            r = bench_time_to_loss(runs, target=args.target_loss, check_every=args.check_every, device=ttl_device,
-                                   full_eval=not args.no_full_eval,
-                                   log=lambda line: print(line, flush=True))
-        except (ValueError, OSError) as e:
-            sys.exit(f"error: {e}")
+        r = bench_time_to_loss(runs, target=args.target_loss, check_every=args.check_every, device=ttl_device,
+                               full_eval=not args.no_full_eval,
+                               log=lambda line: print(line, flush=True))
         results["time_to_loss"] = r
         adamw_baseline = next(iter(runs.values())).optimizer == "adamw"
         print(format_time_to_loss(r, goal=TIME_TO_LOSS_GOAL if adamw_baseline else None))

@@ -56,15 +56,12 @@ def main(argv=None):
     from nanogpt_hf.chat import turn_token_in
     from nanogpt_hf.loading import load_model
 
-    try:
-        model, tok = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    model, tok = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     if args.system and turn_token_in(args.system):
         raise ValueError(f"--system holds the chat token {turn_token_in(args.system)}, which would end the system turn")
     if not tok.chat_template:
-        sys.exit(f"error: --model {args.model}: its tokenizer has no chat template; train it on conversations "
-                 "(examples/prepare.py --chat, docs/sft.md)")
+        raise ValueError(f"--model {args.model}: its tokenizer has no chat template; train it on conversations "
+                         "(examples/prepare.py --chat, docs/sft.md)")
     end = tok.convert_tokens_to_ids("<|end|>") if "<|end|>" in tok.get_vocab() else tok.eos_token_id
     context = getattr(model.config, "block_size", None) or getattr(model.config, "n_positions", 1024)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -234,20 +234,17 @@ def write_results(args, results):
 
 @error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        if args.eval_iters is not None and args.eval_iters < 1 or args.batch_size < 1 or args.stride < 1:
-            raise ValueError("--eval_iters, --batch_size and --stride must be >= 1")
-        if not args.data_dir and not args.benchmarks and not any(getattr(args, f"{b}_file") for b in BENCHMARKS):
-            raise ValueError("nothing to evaluate: pass --data_dir and/or --benchmarks (or a --<benchmark>_file)")
-        if args.device:
-            check_device(args.device)
-        from accelerate import Accelerator
+    args = parse_args(argv)
+    if args.eval_iters is not None and args.eval_iters < 1 or args.batch_size < 1 or args.stride < 1:
+        raise ValueError("--eval_iters, --batch_size and --stride must be >= 1")
+    if not args.data_dir and not args.benchmarks and not any(getattr(args, f"{b}_file") for b in BENCHMARKS):
+        raise ValueError("nothing to evaluate: pass --data_dir and/or --benchmarks (or a --<benchmark>_file)")
+    if args.device:
+        check_device(args.device)
+    from accelerate import Accelerator
 
-        accelerator = Accelerator(cpu=args.device == "cpu")
-        results = run(args, accelerator)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    results = run(args, accelerator)
     if accelerator.is_main_process:
         print(format_table(results))
         results["args"] = {k: v for k, v in vars(args).items()}

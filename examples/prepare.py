@@ -77,27 +77,24 @@ def parse_args(argv=None):
 @error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.chat:
-            from nanogpt_hf.chat_data import DEFAULT_BLOCK_SIZE, prepare_chat
+    if args.chat:
+        from nanogpt_hf.chat_data import DEFAULT_BLOCK_SIZE, prepare_chat
 
-            prepare_chat(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer or "gpt2",
-                         hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
-                         hf_revision=args.hf_revision,
-                         column=args.text_column if args.text_column != "text" else "messages",
-                         block_size=args.block_size or DEFAULT_BLOCK_SIZE, val_fraction=args.val_fraction or 0.1,
-                         seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite, num_proc=args.num_proc,
-                         pack=args.pack)
-            return
-        prepare_dataset(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer,
-                        hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
-                        hf_revision=args.hf_revision, text_column=args.text_column, val_fraction=args.val_fraction,
-                        shard_size=args.shard_size, num_proc=args.num_proc, seed=args.seed,
-                        max_bytes=args.max_bytes, overwrite=args.overwrite, streaming=args.streaming or None,
-                        val_tokens=args.val_tokens, format=args.format, vocab_size=args.vocab_size,
-                        tokenizer_from=args.tokenizer_from)
-    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
-        sys.exit(f"error: {e}")
+        prepare_chat(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer or "gpt2",
+                     hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                     hf_revision=args.hf_revision,
+                     column=args.text_column if args.text_column != "text" else "messages",
+                     block_size=args.block_size or DEFAULT_BLOCK_SIZE, val_fraction=args.val_fraction or 0.1,
+                     seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite, num_proc=args.num_proc,
+                     pack=args.pack)
+        return
+    prepare_dataset(args.dataset, data_dir=args.data_dir, inputs=args.input, tokenizer=args.tokenizer,
+                    hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                    hf_revision=args.hf_revision, text_column=args.text_column, val_fraction=args.val_fraction,
+                    shard_size=args.shard_size, num_proc=args.num_proc, seed=args.seed,
+                    max_bytes=args.max_bytes, overwrite=args.overwrite, streaming=args.streaming or None,
+                    val_tokens=args.val_tokens, format=args.format, vocab_size=args.vocab_size,
+                    tokenizer_from=args.tokenizer_from)
 
 
 if __name__ == "__main__":

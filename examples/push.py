@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo.py beside this 
 from demo import space_files  # noqa: E402  (imports neither gradio nor torch)
 
 from nanogpt_hf.cli import error_boundary  # noqa: E402
-from nanogpt_hf.hub import HubError, push_data_dir, push_dir, push_gpt2, push_space  # noqa: E402
+from nanogpt_hf.hub import push_data_dir, push_dir, push_gpt2, push_space  # noqa: E402
 
 
 @error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
@@ -43,23 +43,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     kwargs = dict(private=args.private, revision=args.revision, commit_message=args.commit_message, token=args.token)
-    try:
-        if args.dataset:
-            sha = push_data_dir(args.out_dir, args.repo_id, **kwargs)
-            print(f"pushed {args.out_dir} to dataset {args.repo_id} (commit {sha}); "
-                  f"train on it with data_dir=hf://datasets/{args.repo_id}")
-            return
-        sha = push_dir(args.out_dir, args.repo_id, **kwargs)
-        print(f"pushed {args.out_dir} to {args.repo_id} (commit {sha})")
-        if args.export_gpt2:
-            gpt2_id = args.gpt2_repo_id or f"{args.repo_id}-gpt2"
-            sha = push_gpt2(args.out_dir, gpt2_id, **kwargs)
-            print(f"pushed the GPT2LMHeadModel export to {gpt2_id} (commit {sha})")
-        if args.space:
-            sha = push_space(space_files(args.repo_id), args.space, private=args.private, token=args.token)
-            print(f"pushed the demo Space to {args.space} (commit {sha}): https://huggingface.co/spaces/{args.space}")
-    except (HubError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    if args.dataset:
+        sha = push_data_dir(args.out_dir, args.repo_id, **kwargs)
+        print(f"pushed {args.out_dir} to dataset {args.repo_id} (commit {sha}); "
+              f"train on it with data_dir=hf://datasets/{args.repo_id}")
+        return
+    sha = push_dir(args.out_dir, args.repo_id, **kwargs)
+    print(f"pushed {args.out_dir} to {args.repo_id} (commit {sha})")
+    if args.export_gpt2:
+        gpt2_id = args.gpt2_repo_id or f"{args.repo_id}-gpt2"
+        sha = push_gpt2(args.out_dir, gpt2_id, **kwargs)
+        print(f"pushed the GPT2LMHeadModel export to {gpt2_id} (commit {sha})")
+    if args.space:
+        sha = push_space(space_files(args.repo_id), args.space, private=args.private, token=args.token)
+        print(f"pushed the demo Space to {args.space} (commit {sha}): https://huggingface.co/spaces/{args.space}")
 
 
 if __name__ == "__main__":

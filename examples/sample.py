@@ -90,25 +90,22 @@ class PlainStreamer(TextStreamer):
 @error_boundary  # what escapes: bad input -> one `error:` line (--debug: traceback), a bug -> traceback
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.num_samples < 1 or args.max_new_tokens < 1:
-            raise ValueError("--num_samples and --max_new_tokens must be >= 1")
-        if args.temperature < 0 or not 0 < (args.top_p or 1) <= 1:
-            raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
-        if args.top_k < 0:
-            raise ValueError(f"--top_k must be >= 0 (0: all tokens), got {args.top_k}")
-        if args.max_new_tokens > MAX_NEW_TOKENS:
-            raise ValueError(f"--max_new_tokens {args.max_new_tokens}: at most {MAX_NEW_TOKENS:,} (a sample that "
-                             "long takes hours on a GPU); generate in several runs")
-        if not math.isfinite(args.temperature) or (args.top_p is not None and not math.isfinite(args.top_p)):
-            raise ValueError("--temperature and --top_p must be finite numbers")
-        device = str(check_device(args.device)) if args.device else default_device()
-        dtype = autocast_dtype(device, args.dtype)
-        prompt = read_prompt(args.start)
-        model, tokenizer = load_model(args.model, device, trust_remote_code=args.trust_remote_code)
-        idx = encode_prompt(tokenizer, prompt, device)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise ValueError("--num_samples and --max_new_tokens must be >= 1")
+    if args.temperature < 0 or not 0 < (args.top_p or 1) <= 1:
+        raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0 (0: all tokens), got {args.top_k}")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: at most {MAX_NEW_TOKENS:,} (a sample that "
+                         "long takes hours on a GPU); generate in several runs")
+    if not math.isfinite(args.temperature) or (args.top_p is not None and not math.isfinite(args.top_p)):
+        raise ValueError("--temperature and --top_p must be finite numbers")
+    device = str(check_device(args.device)) if args.device else default_device()
+    dtype = autocast_dtype(device, args.dtype)
+    prompt = read_prompt(args.start)
+    model, tokenizer = load_model(args.model, device, trust_remote_code=args.trust_remote_code)
+    idx = encode_prompt(tokenizer, prompt, device)
 
     limit = context_limit(model)
     if limit is not None and idx.size(1) + args.max_new_tokens > limit:

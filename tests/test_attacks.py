@@ -11,6 +11,7 @@ process (signals, the --debug traceback, train's final push) start one short run
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -393,6 +394,23 @@ def test_debug_lets_the_error_through_with_its_traceback(monkeypatch, how):
         monkeypatch.setenv("NANOGPT_DEBUG", "1")
     with pytest.raises(ValueError, match="--grad_clip: must be a finite number"):
         script("train").main(["--grad_clip", "nan"] + (["--debug"] if how == "flag" else []))
+
+
+@pytest.mark.parametrize("name, argv, match", [
+    ("prepare", ["--dataset", "x", "--input", "no/such.txt"], "input file no/such.txt not found"),
+    ("sample", ["--model", "m", "--num_samples", "0"], "--num_samples and --max_new_tokens must be >= 1"),
+    ("eval", ["--model", "m", "--batch_size", "0"], "--batch_size and --stride must be >= 1"),
+    ("push", ["no/such/folder", "you/repo"], "no/such/folder"),
+    ("bench", ["--what", "nothing"], "--what takes a comma-separated list"),
+    ("chat", ["--model", "m", "--temperature", "nan"], "--temperature must be a finite number"),
+])
+def test_every_script_lets_the_error_through_with_debug(name, argv, match, tmp_path, monkeypatch):
+    """The boundary is the scripts' only error handler: an error caught inside main() and printed there would hide
+    its traceback from --debug (prepare, sample, eval, push and bench did that)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ValueError, OSError), match=re.escape(match)):
+        script(name).main(argv + ["--debug"])
+    assert cli_error(name, *argv).startswith("error: ")  # without it: one line
 
 
 def test_a_bug_is_still_a_traceback(monkeypatch):
