@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data_format import (LLMC_HEADER_BYTES, TokenizerMismatch, llmc_meta, read_meta,  # noqa: F401 (API)
-                          sample_ids, scan_max_token_id, tokenizer_hash)
+from .data_format import (LLMC_HEADER_BYTES, TokenizerMismatch, check_tokenizer_hash, llmc_meta,  # noqa: F401
+                          read_meta, sample_ids, scan_max_token_id, tokenizer_hash)
 from .tokenization import gpt2_tokenizer, load_pretrained_tokenizer
 
 _SCANNED = {}  # llm.c shard path -> its largest token id
@@ -207,9 +207,7 @@ def load_tokenizer(path):
     tokenizer = load_pretrained_tokenizer(tok_dir)
     meta_path = path / "meta.json"
     recorded = read_meta(path).get("tokenizer_hash") if tok_dir != path and meta_path.is_file() else None
-    if recorded is not None and tokenizer_hash(tokenizer) != recorded:  # a tokenizer/ swapped after prepare
-        raise TokenizerMismatch(f"{tok_dir} is not the tokenizer {path}'s shards were made with (vocab hash "
-                         f"{tokenizer_hash(tokenizer)}, meta.json records {recorded}): the ids would decode to other "
-                         "text; restore it or prepare the data again")
+    check_tokenizer_hash(tokenizer, recorded, f"{tok_dir} is not the tokenizer {path}'s shards were made with",
+                         "meta.json", "restore it or prepare the data again")  # a tokenizer/ swapped after prepare
     return tokenizer
 

@@ -160,7 +160,8 @@ def check_meta(meta, path):
 
 
 class TokenizerMismatch(ValueError):
-    """A data_dir's tokenizer/ is not the one its shards were made with (meta.json's tokenizer_hash)."""
+    """Tokenizer files that are not the ones recorded: a data_dir's tokenizer/ against meta.json's tokenizer_hash,
+    a model folder's against config.json's."""
 
 
 def tokenizer_hash(tokenizer):
@@ -170,6 +171,16 @@ def tokenizer_hash(tokenizer):
         return None
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_tokenizer_hash(tokenizer, recorded, what, record, fix):
+    """The one check of loaded tokenizer files against the hash recorded for them (None: nothing recorded, nothing
+    to check): a tokenizer of the same size swapped in would decode every id to other text, silently.
+    TokenizerMismatch: "{what} (vocab hash ..., {record} records ...): ...; {fix}"."""
+    found = tokenizer_hash(tokenizer)
+    if recorded is not None and found != recorded:
+        raise TokenizerMismatch(f"{what} (vocab hash {found}, {record} records {recorded}): the ids would decode to "
+                                f"other text; {fix}")
 
 
 def scan_max_token_id(shard, chunk=1 << 24):

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LM
 
 from .chat import CHAT_TOKENS, end_token_id, has_chat_tokens, resize_embeddings
 from .configuration_nanogpt import NanoGPTConfig
+from .data_format import check_tokenizer_hash
 from .guards import check_same_tokenizer, first_line, tokenizer_hash
 from .hub import check_hub_name
 from .lora import apply_lora
@@ -156,13 +157,10 @@ def load_model(name, device="cpu", trust_remote_code=False, flag="--model"):
         except (OSError, ValueError) as e:
             raise ValueError(f"{flag} {name}: no usable tokenizer saved with the model ({first_line(e)}); "
                              "save one next to it with tokenizer.save_pretrained") from None
-    # train.py records the hash of the tokenizer it trained with in config.json: tokenizer files swapped for another
-    # tokenizer of the same size would decode every id to other text, silently
+    # train.py records the hash of the tokenizer it trained with in config.json
     recorded = getattr(model.config, "tokenizer_hash", None)
-    if recorded is not None and tokenizer_hash(tokenizer) != recorded:
-        raise ValueError(f"{flag} {name}: the tokenizer in {source} (vocab hash {tokenizer_hash(tokenizer)}) "
-                         f"is not the one the model was trained with ({source}/config.json records {recorded}): the "
-                         "ids would decode to other text; restore its tokenizer files")
+    check_tokenizer_hash(tokenizer, recorded, f"{flag} {name}: the tokenizer in {source} is not the one the model "
+                         "was trained with", f"{source}/config.json", "restore its tokenizer files")
     if recorded is None and os.path.isfile(os.path.join(source, "train_config.json")):  # a train.py out_dir
         print(f"note: {flag} {name} records no tokenizer hash (trained before it was recorded); its tokenizer is "
               "not checked", file=sys.stderr)
