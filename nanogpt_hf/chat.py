@@ -81,12 +81,17 @@ def render(tokenizer, messages):
     """A conversation -> (ids, mask), two lists of equal length: the chat template's tokens, and 1 where the token
     is one the model should learn to produce (assistant content and its <|end|>). The pieces are encoded one by
     one; special tokens split text the same way inside the tokenizer, so this equals apply_chat_template's ids."""
-    ids, mask = [], []
-    for m in messages:
-        head = tokenizer.convert_tokens_to_ids(f"<|{m['role']}|>")
-        body = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
+    return assemble(tokenizer, messages, [tokenizer(m["content"], add_special_tokens=False)["input_ids"]
+                                          for m in messages])
+
+
+def assemble(tokenizer, messages, bodies):
+    """render() with each message's content already tokenized (bodies: one id list per message; chat_data encodes
+    a whole batch's contents in one call): the turn tokens around each, and the mask."""
+    ids, mask, end = [], [], end_token_id(tokenizer)
+    for m, body in zip(messages, bodies):
         learn = int(m["role"] == "assistant")
-        ids += [head, *body, end_token_id(tokenizer)]
+        ids += [tokenizer.convert_tokens_to_ids(f"<|{m['role']}|>"), *body, end]
         mask += [0] + [learn] * (len(body) + 1)
     return ids, mask
 

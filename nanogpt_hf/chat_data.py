@@ -24,7 +24,7 @@ import numpy as np
 
 from . import prepare as prep
 from .sources import load_hub_dataset, resolve_inputs
-from .chat import add_chat_tokens, check_messages, end_token_id
+from .chat import add_chat_tokens, assemble, check_messages, end_token_id
 from .data_format import FORMAT_VERSION, token_dtype
 from .tokenization import build_char_tokenizer, gpt2_tokenizer, load_pretrained_tokenizer
 
@@ -82,19 +82,13 @@ def chat_tokenizer(spec, ds):
 def render_rows(batch, indices, tokenizer, row_len):
     """datasets .map function: {messages} -> {input_ids, loss_mask, status}, each conversation cut to row_len tokens
     (status TRUNCATED) or, when no assistant token would be left, dropped (status DROPPED)."""
-    heads = {r: tokenizer.convert_tokens_to_ids(f"<|{r}|>") for r in ("system", "user", "assistant")}
-    end = end_token_id(tokenizer)
     for i, messages in zip(indices, batch["messages"]):
         check_messages(messages, f"conversation {i}")
     contents = [m["content"] for messages in batch["messages"] for m in messages]
     bodies = iter(tokenizer(contents, add_special_tokens=False)["input_ids"]) if contents else iter(())
     out = {"input_ids": [], "loss_mask": [], "status": []}
-    for messages in batch["messages"]:
-        ids, mask = [], []
-        for m in messages:  # what chat.render does, with the contents tokenized as one batch
-            body, learn = next(bodies), int(m["role"] == "assistant")
-            ids += [heads[m["role"]], *body, end]
-            mask += [0] + [learn] * (len(body) + 1)
+    for messages in batch["messages"]:  # chat.render, with the batch's contents tokenized in one call
+        ids, mask = assemble(tokenizer, messages, [next(bodies) for _ in messages])
         status = KEPT
         if len(ids) > row_len:
             ids, mask = ids[:row_len], mask[:row_len]
@@ -159,14 +153,11 @@ def prepare_chat(dataset, data_dir=None, inputs=None, tokenizer="gpt2", hf_datas
                 _write_rows(part, writer, row_len, pad, dtype, pack=pack and split == "train")
         splits = {s: dict(num_tokens=sum(sh["num_tokens"] for sh in st["shards"]), shards=st["shards"],
                           num_documents=st["documents"]) for s, st in progress["splits"].items()}
-        shutil.rmtree(work / "tokenizer", ignore_errors=True)
-        tok.save_pretrained(work / "tokenizer")
         meta = dict(format_version=1, dataset=dataset, source=source, tokenizer=tokenizer,
                     tokenizer_class=type(tok).__name__, vocab_size=vocab_size, eot_token_id=None, dtype=dtype,
                     split_by="conversations", val_fraction=val_fraction, seed=seed, shard_size=shard_size,
                     loss_mask=True, row_len=row_len, packed=pack, chat=counts, splits=splits)
-        (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        prep._commit(work, data_dir)
+        prep.commit(work, data_dir, tok, meta)
     print(f"prepared {len(kept)} conversations of {dataset} in {data_dir}: tokenizer {tokenizer} + chat tokens, "
           f"vocab_size {vocab_size}, rows of {row_len} tokens, {time.time() - t0:.1f} s")
     for s, info in splits.items():
