@@ -311,6 +311,17 @@ def _ours(p):
         or SHARD_FILE.fullmatch(p.name) is not None or LLMC_FILE.fullmatch(p.name) is not None
 
 
+def commit(work, data_dir, tok, meta):
+    """The shards in work are complete: the tokenizer, then meta.json (last: a folder without it is not a dataset)
+    into work, and work into data_dir's place (_commit)."""
+    shutil.rmtree(work / "tokenizer", ignore_errors=True)
+    with naming(work / "tokenizer"):
+        tok.save_pretrained(work / "tokenizer")
+    with naming(work / "meta.json"):
+        (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    _commit(work, data_dir)
+
+
 def _commit(new, data_dir):
     """Put the finished dataset `new` (a sibling folder) in place of data_dir. The old dataset stays
     complete and readable until the swap: other files of data_dir (e.g. a downloaded input.txt) move into
@@ -573,10 +584,5 @@ def _write_dataset(work, data_dir, request, meta, src, limits, tok, encoder, dig
         meta["splits"][s] = dict(num_tokens=sum(sh["num_tokens"] for sh in st["shards"]), shards=st["shards"])
         if src["by_documents"]:
             meta["splits"][s]["num_documents"] = st["documents"]
-    shutil.rmtree(work / "tokenizer", ignore_errors=True)
-    with naming(work / "tokenizer"):
-        tok.save_pretrained(work / "tokenizer")
-    with naming(work / "meta.json"):
-        (work / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    _commit(work, data_dir)
+    commit(work, data_dir, tok, meta)
     return meta
