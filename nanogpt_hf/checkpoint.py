@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -37,11 +36,10 @@ from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
-from .guards import agree, write_error
+from .guards import agree, checkpoints, write_error
 
 CHECKPOINT_SLEEP_ENV = "NANOGPT_HF_CHECKPOINT_SLEEP"  # test hook "ITER:SECONDS": pause in iter ITER's checkpoint write
 MANIFEST = "manifest.json"
-STEP = re.compile(r"step_\d+")
 
 
 class CheckpointWriteError(ValueError):
@@ -193,12 +191,6 @@ def verify(folder):
 
 # -----------------------------------------------------------------------------
 # finding, saving and loading checkpoints
-
-
-def checkpoints(root):
-    """The step_XXXXXX folders in root (finished writes, damaged or not), newest first."""
-    found = [p for p in Path(root).glob("step_*") if STEP.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 def find_checkpoint(ckpt_root):

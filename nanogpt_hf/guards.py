@@ -182,7 +182,7 @@ def check_owner(out_dir, cfg):
         shown = ", ".join(sorted(present)[:3]) + (", ..." if len(present) > 3 else "")
         return (f"--out_dir {out_dir} is not empty and holds no nanogpt_hf run ({shown}): training would overwrite "
                 "those files; use a new or empty folder")
-    old = ckpt_folders(out_dir)
+    old = checkpoints(out_dir / "checkpoints")
     if cfg.init_from == "resume" or cfg.eval_only:
         if run_id(out_dir) is None and cfg.init_from == "resume":  # a run from before markers: adopt it
             _write_marker(out_dir)
@@ -196,11 +196,14 @@ def check_owner(out_dir, cfg):
     return None
 
 
-def ckpt_folders(out_dir):
-    """The finished checkpoint folders in out_dir/checkpoints (a killed run's step_N.tmp is removed at start)."""
-    root = Path(out_dir) / "checkpoints"
-    return sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
-                  reverse=True) if root.is_dir() else []
+STEP = re.compile(r"step_\d+")  # a finished checkpoint folder (a write in progress is step_N.tmp)
+
+
+def checkpoints(root):
+    """The step_XXXXXX folders in root (finished writes, damaged or not), newest first. Here, below checkpoint.py,
+    because check_owner counts another run's checkpoints too."""
+    found = [p for p in Path(root).glob("step_*") if STEP.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 def _write_marker(out_dir):
@@ -369,4 +372,4 @@ def check_skipped(skipped, it, cfg):
 __all__ = ["agree", "write_error", "first_line", "check_launch", "check_push", "OutDirLock", "claim_out_dir",
            "check_owner", "run_id", "RUN_MARKER", "checkpoint_bytes", "check_room", "StopSignals", "Interrupted",
            "STOP_SIGNALS", "EXIT_CODES", "tokenizer_hash", "check_same_tokenizer", "check_resumable", "resume_changes",
-           "RESUME_VISIBLE", "check_skipped"]
+           "RESUME_VISIBLE", "check_skipped", "checkpoints", "STEP"]
