@@ -34,8 +34,8 @@ from .data import load_tokenizer
 from .data_format import FORMAT_VERSION, LLMC_FILE, LLMC_HEADER_BYTES, SHARD_FILE, llmc_header, shard_name, \
     token_dtype, tokenizer_hash
 from .sources import BUILTIN, DEFAULT_MAX_BYTES, DEFAULT_VAL_TOKENS, bounded, text_sources, texts
-from .tokenization import GPT2_EOT, build_char_tokenizer, char_vocab, compression, default_unk_char, gpt2_tokenizer, \
-    is_byte_level_bpe, load_pretrained_tokenizer, tiktoken_gpt2, train_bpe
+from .tokenization import GPT2_EOT, MAX_VOCAB, build_char_tokenizer, char_vocab, compression, default_unk_char, \
+    gpt2_tokenizer, is_byte_level_bpe, load_pretrained_tokenizer, tiktoken_gpt2, train_bpe
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per .bin file (200 MB in uint16)
 DEFAULT_SEED = 2357  # nanoGPT's openwebtext split seed
@@ -45,7 +45,6 @@ IN_PROCESS_BYTES = 1 << 22  # a split smaller than this is mapped in this proces
 COMPRESSION_BYTES = 1 << 23  # --tokenizer bpe: bytes of val text its compression is measured on
 PREPARE_VERSION = 2  # in progress.json: a .partial/ left by another version of this writer starts over
 PROGRESS_FILE, LOCK_FILE = "progress.json", ".lock"
-MAX_VOCAB = 1 << 20  # --vocab_size: the BPE trainer allocates ~70 bytes per token up front (1e9 aborted the process)
 
 # -----------------------------------------------------------------------------
 # tokens: one batched .map over the rows

@@ -127,12 +127,17 @@ def tiktoken_gpt2():
 # byte-level BPE, trained
 
 
+MAX_VOCAB = 1 << 20  # --vocab_size: the BPE trainer allocates ~70 bytes per token up front (1e9 aborted the process)
+
+
 def train_bpe(texts, vocab_size, eot=CHAR_EOT):
     """A byte-level BPE with exactly vocab_size tokens (eot, the 256 byte symbols, then the merges learned from
     texts, an iterable of str read once as a stream). The trainer keeps a count per distinct pre-token (word),
     so its memory grows with the vocabulary of the text, not with its length."""
-    if vocab_size < 257 or vocab_size > 2**32:
+    if vocab_size < 257:
         raise ValueError(f"--vocab_size must be at least 257 (256 bytes + {eot}), got {vocab_size}")
+    if vocab_size > MAX_VOCAB:  # (prepare checks it too, before reading any text)
+        raise ValueError(f"--vocab_size {vocab_size}: at most {MAX_VOCAB:,}")
     backend = Tokenizer(models.BPE())
     # GPT-2's pre-tokenization: its regex (words, numbers, punctuation, whitespace runs), then bytes as symbols
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
