@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import prepare as prep
-from .sources import load_hub_dataset, resolve_inputs
+from .sources import check_input, load_hub_dataset, resolve_inputs
 from .chat import add_chat_tokens, assemble, check_messages, end_token_id
 from .data_format import FORMAT_VERSION, token_dtype
 from .tokenization import build_char_tokenizer, gpt2_tokenizer, load_pretrained_tokenizer
@@ -39,10 +39,7 @@ def load_conversations(inputs=None, hf_dataset=None, hf_config=None, hf_split="t
     import datasets
 
     if inputs:
-        paths = [str(p) for p in resolve_inputs(inputs, ".")]
-        for p in paths:
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"input file {p} not found (--input)")
+        paths = [str(check_input(p)) for p in resolve_inputs(inputs, ".")]
         try:
             ds = datasets.load_dataset("json", data_files=paths, split="train")
         except Exception as e:
